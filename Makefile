@@ -1,0 +1,34 @@
+# Set-up and checks from nothing but Python. `make test` sets up when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CUDA machine takes torch from PyPI's default index; elsewhere the CPU wheel,
+# so that pip never pulls a multi-GB CUDA build onto a CPU machine.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.8' || echo 'torch==2.13.0')
+
+.PHONY: setup test test-fast lint demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m ruff check bundle tests
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(PY) -m ruff check bundle tests
+
+demo: setup
+	@echo "make demo arrives with the workflows issue (#4): training, evaluation and inference on synthetic data."
+	@echo "Until then: make test checks the network and its checkpoints."
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,136 @@
+"""Prompt-only checkpoints: what PTSAM learned, and what it was learned on.
+
+``PTSAM.state_dict()`` holds the prompt tokens and a ``ptsam_meta`` entry (variant, prompt
+counts, classes, backbone fingerprint); the frozen SAM weights come from ``sam_checkpoint``
+and are never part of it. Loading through ``load_state_dict``, strict or not (MONAI's
+``CheckpointLoader``, MONAI Label), compares ``ptsam_meta`` with the network first and
+refuses a file made for another network, so no prompt is silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+META_KEY = "ptsam_meta"
+FORMAT_VERSION = 1
+BACKBONE = "backbone"
+_BACKBONE_KEY = re.compile(rf"(^|\.){BACKBONE}\.")
+_COMPARED = ("sam_variant", "n_md_prompts", "n_ie_prompts", "num_classes", "backbone_fingerprint")
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A prompt checkpoint made for another backbone, prompt count or class count."""
+
+
+def network_meta(net: nn.Module) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "sam_variant": net.backbone.variant.name,
+        "n_md_prompts": net.md_prompts.n,
+        "n_ie_prompts": net.ie_prompts.n,
+        "num_classes": net.num_classes,
+        "backbone_fingerprint": net.backbone.fingerprint,
+        "backbone_source": net.backbone.source,
+    }
+
+
+def _describe(meta: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={meta.get(k)!r}" for k in _COMPARED)
+
+
+def check_meta(found: Any, expected: Mapping[str, Any], source: str = "the state dict") -> None:
+    """Raise ``IncompatibleCheckpointError`` unless ``found`` describes the same network."""
+    if not isinstance(found, Mapping):
+        raise IncompatibleCheckpointError(
+            f"{source} is not a PTSAM prompt checkpoint: it has no {META_KEY!r} entry "
+            f"(expected one for {_describe(expected)})"
+        )
+    if found.get("format") != FORMAT_VERSION:
+        raise IncompatibleCheckpointError(
+            f"{source} has PTSAM checkpoint format {found.get('format')!r}; this code reads {FORMAT_VERSION}"
+        )
+    diffs = [f"{k}: file {found.get(k)!r}, network {expected[k]!r}" for k in _COMPARED if found.get(k) != expected[k]]
+    if diffs:
+        hint = ""
+        if found.get("backbone_fingerprint") != expected["backbone_fingerprint"]:
+            hint = (
+                f" (the prompts were trained on SAM weights {found.get('backbone_source')!r}; "
+                f"this network uses {expected['backbone_source']!r})"
+            )
+        raise IncompatibleCheckpointError(
+            f"{source} was trained for another network: " + "; ".join(diffs) + hint
+        )
+
+
+# Module hooks that PTSAM registers; see the module docstring.
+
+
+def strip_backbone(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + BACKBONE + ".")]:
+        del state_dict[key]
+    state_dict[prefix + META_KEY] = network_meta(module)
+
+
+def check_before_load(
+    module: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
+    check_meta(state_dict.pop(prefix + META_KEY, None), network_meta(module))
+    # The backbone comes from sam_checkpoint only; a prompt file never overwrites it.
+    for key in [k for k in state_dict if k.startswith(prefix + BACKBONE + ".")]:
+        del state_dict[key]
+
+
+def ignore_missing_backbone(module: nn.Module, incompatible_keys: Any) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not _BACKBONE_KEY.search(k)]
+
+
+# Files.
+
+
+def save_prompts(net: nn.Module, path: str | Path) -> Path:
+    """Write ``net``'s prompt checkpoint atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(net.state_dict(), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_prompts(net: nn.Module, path: str | Path) -> None:
+    """Load a prompt checkpoint (a state dict, or one under a ``"model"`` key) into ``net``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"PTSAM prompt checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise IncompatibleCheckpointError(
+            f"PTSAM prompt checkpoint {path} cannot be read as a weights-only PyTorch file: {err}"
+        ) from err
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, Mapping) else ckpt
+    if not isinstance(state, Mapping):
+        raise IncompatibleCheckpointError(f"PTSAM prompt checkpoint {path} holds a {type(state).__name__}")
+    check_meta(state.get(META_KEY), network_meta(net), source=f"PTSAM prompt checkpoint {path}")
+    net.load_state_dict(state, strict=True)

@@ -1,0 +1,77 @@
+"""SAM's image encoder with VPT-deep prompts joining the attention of every block.
+
+Each block gets its own ``n`` prompt tokens. They pass the block's first LayerNorm and qkv
+projection like image tokens and serve as extra keys and values; a windowed block shares
+the same prompts with every window, a global block sees them once. The relative-position
+bias exists only among image tokens. Prompt outputs are dropped after the block, so their
+queries are never computed: the kept outputs equal those of full attention over
+``[prompts, image tokens]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .sam.modeling import image_encoder as sam_image_encoder
+
+
+def encode_image(encoder: nn.Module, image: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, 256, S/16, S/16). ``prompts``: (depth, n, dim), or None for stock SAM."""
+    if prompts is None or prompts.shape[1] == 0:
+        return encoder(image)
+    x = encoder.patch_embed(image)  # B, h, w, dim
+    if encoder.pos_embed is not None:
+        x = x + encoder.pos_embed
+    for block, block_prompts in zip(encoder.blocks, prompts, strict=True):
+        x = prompted_block(block, x, block_prompts)
+    return encoder.neck(x.permute(0, 3, 1, 2))
+
+
+def prompted_block(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """SAM's ``Block.forward`` with ``prompts`` (n, dim) as extra keys and values."""
+    shortcut = x
+    x = block.norm1(x)
+    prompts = block.norm1(prompts)
+    if block.window_size > 0:
+        H, W = x.shape[1], x.shape[2]
+        x, pad_hw = sam_image_encoder.window_partition(x, block.window_size)
+    x = prompted_attention(block.attn, x, prompts)
+    if block.window_size > 0:
+        x = sam_image_encoder.window_unpartition(x, block.window_size, pad_hw, (H, W))
+    x = shortcut + x
+    return x + block.mlp(block.norm2(x))
+
+
+def prompted_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """SAM's ``Attention.forward`` on (B, H, W, dim) windows, attending also to ``prompts``."""
+    B, H, W, dim = x.shape
+    L, n, heads = H * W, prompts.shape[0], attn.num_heads
+    head_dim = dim // heads
+    qkv = attn.qkv(x.reshape(B, L, dim)).reshape(B, L, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # B, heads, L, head_dim
+    # The prompts' keys and values are computed once and shared by every window.
+    kv_p = attn.qkv(prompts)[:, dim:].reshape(n, 2, heads, head_dim).permute(1, 2, 0, 3)
+    k = torch.cat([kv_p[0].expand(B, -1, -1, -1), k], dim=2)  # B, heads, n + L, head_dim
+    v = torch.cat([kv_p[1].expand(B, -1, -1, -1), v], dim=2)
+    bias = None
+    if attn.use_rel_pos:
+        rel = rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (H, W))  # B, heads, L, L
+        bias = F.pad(rel, (n, 0))  # no positional bias towards the prompts
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    return attn.proj(out.transpose(1, 2).reshape(B, H, W, dim))
+
+
+def rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """SAM's decomposed relative-position bias for queries (B, heads, H*W, c): (B, heads, H*W, H*W)."""
+    H, W = size
+    Rh = sam_image_encoder.get_rel_pos(H, H, rel_pos_h)  # H, H, c
+    Rw = sam_image_encoder.get_rel_pos(W, W, rel_pos_w)  # W, W, c
+    B, heads, L, c = q.shape
+    r_q = q.reshape(B, heads, H, W, c)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, heads, L, L)

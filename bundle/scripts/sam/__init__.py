@@ -1,0 +1,20 @@
+"""SAM backbone: variants, torchvision-free modeling import, checkpoints and fingerprint."""
+
+from .backbone import SamBackbone
+from .variants import PIXEL_MEAN, PIXEL_STD, PROMPT_EMBED_DIM, VARIANTS, SamVariant, build_sam, get_variant
+from .weights import SamCheckpointError, random_sam_weights, read_sam_checkpoint, weights_fingerprint
+
+__all__ = [
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "PROMPT_EMBED_DIM",
+    "VARIANTS",
+    "SamBackbone",
+    "SamCheckpointError",
+    "SamVariant",
+    "build_sam",
+    "get_variant",
+    "random_sam_weights",
+    "read_sam_checkpoint",
+    "weights_fingerprint",
+]

@@ -1,0 +1,36 @@
+"""Shared fixtures. `bundle/` is on sys.path (pyproject's pytest `pythonpath`), as MONAI runs bundles."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.sam import build_sam, get_variant, random_sam_weights
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+
+
+def quiet(fn, *args, **kwargs):
+    """Call ``fn`` with the random-weights / not-a-real-model warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fn(*args, **kwargs)
+
+
+def stock_sam(variant: str = "tiny", seed: int = 0) -> torch.nn.Module:
+    """segment-anything's own ``Sam`` with seeded random weights."""
+    sam = build_sam(get_variant(variant))
+    random_sam_weights(sam, seed)
+    return sam
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_file(tmp_path_factory) -> Path:
+    """A random `tiny` SAM saved as an official checkpoint is: a plain state dict of ``Sam``."""
+    path = tmp_path_factory.mktemp("sam") / "sam_tiny_random.pth"
+    torch.save(stock_sam("tiny", seed=123).state_dict(), path)
+    return path
