@@ -5,10 +5,15 @@ counts, classes, backbone fingerprint); the frozen SAM weights come from ``sam_c
 and are never part of it. Loading through ``load_state_dict``, strict or not (MONAI's
 ``CheckpointLoader``, MONAI Label), compares ``ptsam_meta`` with the network first and
 refuses a file made for another network, so no prompt is silently dropped.
+
+``ptsam_meta`` is JSON in a fixed-length uint8 tensor rather than a dict: MONAI tools that
+treat every state-dict entry as a tensor (``copy_model_state`` in ``ckpt_export`` and in
+``CheckpointLoader(strict_shape=False)``) then carry it like any weight, and the check still runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -20,6 +25,7 @@ import torch
 import torch.nn as nn
 
 META_KEY = "ptsam_meta"
+META_BYTES = 512
 FORMAT_VERSION = 1
 BACKBONE = "backbone"
 _BACKBONE_KEY = re.compile(rf"(^|\.){BACKBONE}\.")
@@ -42,13 +48,34 @@ def network_meta(net: nn.Module) -> dict[str, Any]:
     }
 
 
+def encode_meta(meta: Mapping[str, Any]) -> torch.Tensor:
+    meta = dict(meta)
+    raw = json.dumps(meta, sort_keys=True).encode()
+    if len(raw) > META_BYTES:  # only the informative source path can be long
+        meta["backbone_source"] = "..." + str(meta["backbone_source"])[len(raw) - META_BYTES + 3 :]
+        raw = json.dumps(meta, sort_keys=True).encode()
+    return torch.frombuffer(bytearray(raw.ljust(META_BYTES, b"\0")), dtype=torch.uint8).clone()
+
+
+def decode_meta(value: Any) -> dict[str, Any] | None:
+    """The metadata in a ``ptsam_meta`` entry; None if it is absent or not one."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
+        return None
+    try:
+        meta = json.loads(value.numpy().tobytes().rstrip(b"\0"))
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _describe(meta: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={meta.get(k)!r}" for k in _COMPARED)
 
 
-def check_meta(found: Any, expected: Mapping[str, Any], source: str = "the state dict") -> None:
-    """Raise ``IncompatibleCheckpointError`` unless ``found`` describes the same network."""
-    if not isinstance(found, Mapping):
+def check_meta(entry: Any, expected: Mapping[str, Any], source: str = "the state dict") -> None:
+    """Raise ``IncompatibleCheckpointError`` unless the ``ptsam_meta`` entry describes the same network."""
+    found = decode_meta(entry)
+    if found is None:
         raise IncompatibleCheckpointError(
             f"{source} is not a PTSAM prompt checkpoint: it has no {META_KEY!r} entry "
             f"(expected one for {_describe(expected)})"
@@ -76,7 +103,11 @@ def check_meta(found: Any, expected: Mapping[str, Any], source: str = "the state
 def strip_backbone(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     for key in [k for k in state_dict if k.startswith(prefix + BACKBONE + ".")]:
         del state_dict[key]
-    state_dict[prefix + META_KEY] = network_meta(module)
+    # Module versions PyTorch records per sub-module: hundreds for SAM, more bytes than the prompts.
+    versions = getattr(state_dict, "_metadata", {})
+    for key in [k for k in versions if k == prefix + BACKBONE or k.startswith(prefix + BACKBONE + ".")]:
+        del versions[key]
+    state_dict[prefix + META_KEY] = encode_meta(network_meta(module))
 
 
 def check_before_load(
@@ -110,7 +141,8 @@ def save_prompts(net: nn.Module, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(net.state_dict(), tmp)
+        with open(tmp, "wb") as f:
+            torch.save(net.state_dict(), f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
