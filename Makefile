@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m ruff check bundle tests
+	$(PY) -m ruff format --check bundle tests
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -25,6 +26,7 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check bundle tests
+	$(PY) -m ruff format --check bundle tests
 
 demo: setup
 	@echo "make demo arrives with the workflows issue (#4): training, evaluation and inference on synthetic data."

@@ -186,4 +186,3 @@ def test_loading_does_not_mutate_the_callers_dict():
     keys = set(state)
     _net().load_state_dict(state)
     assert set(state) == keys  # the meta entry is consumed from a copy, not from the caller's dict
-

@@ -29,17 +29,30 @@ def _parse(**overrides) -> ConfigParser:
 
 def test_public_config_ids_are_present():
     config = ConfigParser.load_config_file(str(INFERENCE))
-    for key in ("bundle_root", "device", "sam_variant", "sam_checkpoint", "n_md_prompts", "n_ie_prompts",
-                "num_classes", "network_def", "network"):
+    for key in (
+        "bundle_root",
+        "device",
+        "sam_variant",
+        "sam_checkpoint",
+        "n_md_prompts",
+        "n_ie_prompts",
+        "num_classes",
+        "network_def",
+        "network",
+    ):
         assert key in config, key
     assert (config["sam_variant"], config["n_md_prompts"], config["n_ie_prompts"], config["num_classes"]) == (
-        "vit_b", 8, 0, 1
+        "vit_b",
+        8,
+        0,
+        1,
     )
 
 
 def test_overrides_of_the_public_ids_build_that_network(tiny_sam_file):
-    parser = _parse(sam_variant="tiny", sam_checkpoint=str(tiny_sam_file), n_md_prompts=3, n_ie_prompts=2,
-                    num_classes=4)
+    parser = _parse(
+        sam_variant="tiny", sam_checkpoint=str(tiny_sam_file), n_md_prompts=3, n_ie_prompts=2, num_classes=4
+    )
     net = quiet(parser.get_parsed_content, "network")
     assert isinstance(net, PTSAM)
     assert net.backbone.variant.name == "tiny" and net.backbone.source == str(tiny_sam_file)
@@ -73,7 +86,10 @@ def test_metadata_is_valid_against_monai_schema():
 def _monai_bundle(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-W", "ignore", "-m", "monai.bundle", *args],
-        cwd=BUNDLE, capture_output=True, text=True, timeout=300,
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -89,8 +105,16 @@ def test_monai_verify_net_in_out(tmp_path: Path):
         io["spatial_shape"] = [256, 256]
     (tmp_path / "metadata.json").write_text(json.dumps(meta))
     done = _monai_bundle(
-        "verify_net_in_out", "network_def", "--meta_file", str(tmp_path / "metadata.json"),
-        "--config_file", str(INFERENCE), "--sam_variant", "tiny", "--device", "cpu",
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        str(tmp_path / "metadata.json"),
+        "--config_file",
+        str(INFERENCE),
+        "--sam_variant",
+        "tiny",
+        "--device",
+        "cpu",
     )
     assert done.returncode == 0, done.stderr
     assert "data shape of network is verified with no error" in done.stdout + done.stderr

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet, stock_sam
 
+from conftest import quiet, stock_sam
 from scripts.decoder import decode_masks
 from scripts.encoder import encode_image, prompted_block
 from scripts.network import PTSAM

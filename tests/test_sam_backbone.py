@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 import torch
-from conftest import quiet, stock_sam
 
+from conftest import quiet, stock_sam
 from scripts.network import PTSAM
 from scripts.sam import SamBackbone, SamCheckpointError, build_sam, get_variant, weights_fingerprint
 

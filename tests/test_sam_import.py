@@ -37,9 +37,7 @@ def test_plain_import_kept_where_torchvision_imports(tmp_path):
     (tv / "ops").mkdir()
     (tv / "__init__.py").write_text("")
     (tv / "transforms" / "__init__.py").write_text("")
-    (tv / "transforms" / "functional.py").write_text(
-        "def resize(*a, **k): pass\ndef to_pil_image(*a, **k): pass\n"
-    )
+    (tv / "transforms" / "functional.py").write_text("def resize(*a, **k): pass\ndef to_pil_image(*a, **k): pass\n")
     (tv / "ops" / "__init__.py").write_text("")
     (tv / "ops" / "boxes.py").write_text("def batched_nms(*a, **k): pass\ndef box_area(*a, **k): pass\n")
     out = _run(

@@ -92,9 +92,7 @@ def check_meta(entry: Any, expected: Mapping[str, Any], source: str = "the state
                 f" (the prompts were trained on SAM weights {found.get('backbone_source')!r}; "
                 f"this network uses {expected['backbone_source']!r})"
             )
-        raise IncompatibleCheckpointError(
-            f"{source} was trained for another network: " + "; ".join(diffs) + hint
-        )
+        raise IncompatibleCheckpointError(f"{source} was trained for another network: " + "; ".join(diffs) + hint)
 
 
 # Module hooks that PTSAM registers; see the module docstring.

@@ -37,8 +37,7 @@ class SamBackbone(nn.Module):
             load_sam_checkpoint(sam, checkpoint, self.variant)
         if not self.variant.real:
             warnings.warn(
-                f"sam_variant {self.variant.name!r} is a scaled-down SAM for tests and demos, "
-                "not a released SAM model",
+                f"sam_variant {self.variant.name!r} is a scaled-down SAM for tests and demos, not a released SAM model",
                 stacklevel=2,
             )
         self.source = str(checkpoint) if checkpoint is not None else f"random(seed={seed})"

@@ -26,9 +26,7 @@ def _torchvision_imports() -> bool:
 def _register_package_without_init() -> None:
     spec = importlib.util.find_spec("segment_anything")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "segment-anything is not installed: pip install segment-anything (SAM's modeling code)"
-        )
+        raise ImportError("segment-anything is not installed: pip install segment-anything (SAM's modeling code)")
     package = types.ModuleType("segment_anything")
     package.__path__ = list(spec.submodule_search_locations)
     package.__file__ = spec.origin

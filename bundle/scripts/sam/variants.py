@@ -34,10 +34,7 @@ class SamVariant:
         return self.img_size // PATCH_SIZE
 
     def describe(self) -> str:
-        return (
-            f"{self.name} (embed_dim {self.embed_dim}, {self.depth} blocks, "
-            f"input {self.img_size} px)"
-        )
+        return f"{self.name} (embed_dim {self.embed_dim}, {self.depth} blocks, input {self.img_size} px)"
 
 
 VARIANTS: dict[str, SamVariant] = {

@@ -82,8 +82,7 @@ def read_sam_checkpoint(path: str | Path, variant: SamVariant) -> dict[str, torc
     except Exception as err:  # corrupt, empty, or a pickle that is more than weights
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SamCheckpointError(
-            f"SAM checkpoint {path} cannot be read as a weights-only PyTorch file ({expected}); "
-            f"found: {reason}"
+            f"SAM checkpoint {path} cannot be read as a weights-only PyTorch file ({expected}); found: {reason}"
         ) from err
     if not isinstance(state, Mapping):
         raise SamCheckpointError(
@@ -95,9 +94,7 @@ def read_sam_checkpoint(path: str | Path, variant: SamVariant) -> dict[str, torc
         )
     if _PATCH_KEY not in state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         keys = ", ".join(list(map(str, state))[:5]) or "no keys"
-        raise SamCheckpointError(
-            f"SAM checkpoint {path} is not a SAM state dict ({expected}); found keys: {keys}"
-        )
+        raise SamCheckpointError(f"SAM checkpoint {path} is not a SAM state dict ({expected}); found keys: {keys}")
     arch = _architecture(state)
     if arch != (variant.embed_dim, variant.depth, variant.img_size):
         raise SamCheckpointError(
