@@ -1,0 +1,102 @@
+"""Which format a path holds, and which files of a folder are images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SERIES_SEP = "::"  # "<folder>::<SeriesInstanceUID>" names one DICOM series of a folder
+
+_SUFFIXES = {
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".dcm": "dicom",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+}
+
+
+class UnsupportedFileError(ValueError):
+    """A path that is no image format this bundle reads."""
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def split_series(path: str | Path) -> tuple[Path, str | None]:
+    """``"dir::uid"`` -> (dir, uid); any other path -> (path, None)."""
+    text = str(path)
+    if SERIES_SEP in text:
+        folder, uid = text.rsplit(SERIES_SEP, 1)
+        return Path(folder), uid
+    return Path(text), None
+
+
+def suffix_of(path: str | Path) -> str:
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem_of(path: str | Path) -> str:
+    """File name without its image suffix (``case.nii.gz`` -> ``case``)."""
+    name = Path(path).name
+    suffix = suffix_of(name)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
+
+
+def detect_format(path: str | Path) -> str:
+    """'nifti', 'dicom', 'tiff', 'png' or 'jpeg'; a folder (or ``folder::uid``) is a DICOM series."""
+    folder, uid = split_series(path)
+    if uid is not None or folder.is_dir():
+        return "dicom"
+    kind = _SUFFIXES.get(suffix_of(folder))
+    if kind is None and _is_dicom_file(folder):
+        kind = "dicom"
+    if kind is None:
+        raise UnsupportedFileError(
+            f"{path}: not a supported image file (NIfTI .nii/.nii.gz, DICOM, TIFF, PNG or JPEG expected)"
+        )
+    return kind
+
+
+def is_supported(path: str | Path) -> bool:
+    try:
+        detect_format(path)
+    except UnsupportedFileError:
+        return False
+    return True
+
+
+def list_images(folder: str | Path) -> tuple[list[str], list[str]]:
+    """Images directly in ``folder`` (files, DICOM series, DICOM sub-folders), and the ignored rest."""
+    from .readers import dicom_series_in  # late: readers imports this module
+
+    folder = Path(folder)
+    images, ignored = [], []
+    loose_dicom = False
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            series = dicom_series_in(entry)
+            if series:
+                images += series
+            else:
+                ignored.append(str(entry))
+        elif suffix_of(entry) == ".dcm" or (entry.suffix == "" and _is_dicom_file(entry)):
+            loose_dicom = True
+        elif is_supported(entry):
+            images.append(str(entry))
+        else:
+            ignored.append(str(entry))
+    if loose_dicom:
+        images += dicom_series_in(folder)
+    return images, ignored

@@ -1,0 +1,291 @@
+"""Read any supported image into one form: a channel-first array and its metadata.
+
+``read_image(path)`` returns ``(array, meta)``: ``array`` is ``(C, H, W)`` for 2D images and
+``(C, d0, d1, d2)`` for volumes, in the file's own data type; ``meta`` holds the file name,
+format, spatial shape, a 4 x 4 RAS ``affine`` (identity for formats without geometry) and
+``axial_axis``: the spatial axis along which a volume is cut into 2D slices by default.
+``probe_image(path)`` reads headers only, so budgets are checked before any pixel is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .formats import SERIES_SEP, detect_format, split_series
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be read as an image, with the file and the reason in the message."""
+
+
+def _fail(path: Any, problem: str) -> ImageReadError:
+    return ImageReadError(f"{path}: {problem}")
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _meta(path: Any, fmt: str, array: np.ndarray, affine: np.ndarray | None, axial_axis: int | None, **extra) -> dict:
+    return {
+        "filename_or_obj": str(path),
+        "format": fmt,
+        "spatial_shape": tuple(int(s) for s in array.shape[1:]),
+        "affine": np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64),
+        "axial_axis": axial_axis,
+        "source_dtype": str(array.dtype),
+        **extra,
+    }
+
+
+def axial_axis_of(affine: np.ndarray) -> int:
+    """The voxel axis that runs most nearly along the body's superior-inferior (world z) axis."""
+    return int(np.argmax(np.abs(affine[2, :3]) / np.maximum(np.linalg.norm(affine[:3, :3], axis=0), 1e-12)))
+
+
+# NIfTI
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)  # applies the scaling; reads everything
+    except Exception as err:  # truncated .nii.gz raises EOFError, OSError or zlib errors
+        raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
+    if data.ndim == 2:
+        array, axial = data[None], None
+    elif data.ndim == 3 and data.shape[2] == 1:
+        array, axial = data[None, :, :, 0], None
+    elif data.ndim == 3:
+        array, axial = data[None], axial_axis_of(img.affine)
+    elif data.ndim == 4:  # a 4th axis is channels (MONAI's convention, e.g. multi-sequence MR)
+        array, axial = np.moveaxis(data, 3, 0), axial_axis_of(img.affine)
+    else:
+        raise _fail(path, f"unsupported NIfTI dimensionality {data.shape}: 2D, 3D or 3D + channels expected")
+    return array, _meta(path, "nifti", array, img.affine, axial)
+
+
+def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
+    import nibabel as nib
+
+    try:
+        shape = tuple(nib.load(str(path)).shape)
+    except Exception as err:
+        raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
+    channels = shape[3] if len(shape) == 4 else 1
+    return tuple(s for s in shape[:3] if s != 1) or shape[:2], channels
+
+
+# DICOM
+
+
+def dicom_series_in(folder: Path) -> list[str]:
+    """``folder::uid`` for every DICOM series directly in ``folder`` (grouped by SeriesInstanceUID)."""
+    import SimpleITK as sitk
+
+    return [f"{folder}{SERIES_SEP}{uid}" for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+
+
+def _series_files(path: Any) -> list[str]:
+    import SimpleITK as sitk
+
+    folder, uid = split_series(path)
+    if folder.is_file():
+        return [str(folder)]
+    if uid is None:
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        if len(uids) != 1:
+            found = f"{len(uids)} series" if uids else "no DICOM series"
+            raise _fail(path, f"{found} in this folder; name one as '{folder}{SERIES_SEP}<SeriesInstanceUID>'")
+        uid = uids[0]
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    if not files:
+        raise _fail(path, f"no DICOM series {uid} in {folder}")
+    return list(files)
+
+
+def _sitk_affine(image: Any) -> np.ndarray:
+    """RAS affine of a SimpleITK image, for the array transposed to (x, y, z) index order."""
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.array(image.GetSpacing())[None, :]
+    affine[:3, 3] = image.GetOrigin()
+    return _LPS_TO_RAS @ affine
+
+
+def _read_dicom(path: Any) -> tuple[np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    files = _series_files(path)
+    try:
+        if len(files) == 1:
+            image = sitk.ReadImage(files[0])
+        else:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        data = sitk.GetArrayFromImage(image)  # z, y, x (and components last)
+    except Exception as err:  # truncated pixel data, not DICOM, unreadable
+        raise _fail(path, f"unreadable DICOM ({_reason(err)})") from err
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
+        data = data[None]
+    if image.GetNumberOfComponentsPerPixel() > 1:  # colour DICOM: z, y, x, c
+        data = np.moveaxis(data, -1, 0)
+    else:
+        data = data[None]
+    array = np.ascontiguousarray(np.transpose(data, (0, 3, 2, 1)))  # C, x, y, z
+    affine = _sitk_affine(image)
+    modality = image.GetMetaData("0008|0060").strip() if image.HasMetaDataKey("0008|0060") else ""
+    if array.shape[3] == 1:
+        array, axial = array[..., 0], None
+    else:
+        axial = axial_axis_of(affine)
+    return array, _meta(path, "dicom", array, affine, axial, modality=modality, n_files=len(files))
+
+
+def _probe_dicom(path: Any) -> tuple[tuple[int, ...], int]:
+    import SimpleITK as sitk
+
+    files = _series_files(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except Exception as err:
+        raise _fail(path, f"unreadable DICOM ({_reason(err)})") from err
+    size = tuple(reader.GetSize()[:2])
+    shape = size + ((len(files),) if len(files) > 1 else ())
+    return shape, reader.GetNumberOfComponents()
+
+
+# TIFF
+
+
+def _tiff_layout(axes: str, shape: tuple[int, ...], path: Any) -> tuple[list[int], int | None, int | None]:
+    """Positions of (Y, X), the channel axis and the depth axis in a tifffile series."""
+    keep = [i for i, (a, s) in enumerate(zip(axes, shape, strict=True)) if s > 1 or a in "YX"]
+    axes = "".join(axes[i] for i in keep)
+    sizes = [shape[i] for i in keep]
+    if len(axes) >= 3 and axes.endswith("YX") and sizes[-1] <= 4 < min(sizes[-3], sizes[-2]):
+        # (H, W, C) written as pages of H x C: the last axis holds channels.
+        axes = axes[:-3] + "YXC"
+    channel = [keep[i] for i, a in enumerate(axes) if a in "CS"]
+    depth = [keep[i] for i, a in enumerate(axes) if a not in "CSYX"]
+    if len(channel) > 1 or len(depth) > 1 or "Y" not in axes or "X" not in axes:
+        raise _fail(
+            path,
+            f"unsupported TIFF dimensionality: shape {tuple(shape)} with axes {axes!r}; "
+            "2D, multi-channel 2D or one Z stack expected",
+        )
+    yx = [keep[i] for i, a in enumerate(axes) if a in "YX"]
+    return yx, (channel[0] if channel else None), (depth[0] if depth else None)
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, data = series.axes, series.asarray()
+    except Exception as err:
+        raise _fail(path, f"unreadable TIFF file ({_reason(err)})") from err
+    if data.ndim != len(axes):  # tifffile squeezes; keep axes and data in step
+        raise _fail(path, f"unsupported TIFF layout: axes {axes!r} for shape {data.shape}")
+    yx, channel, depth = _tiff_layout(axes, data.shape, path)
+    if len(axes) == 2 and data.ndim == 2:
+        array = data[None]
+    else:
+        order = ([channel] if channel is not None else []) + ([depth] if depth is not None else []) + yx
+        squeezed = [i for i in range(data.ndim) if i not in order]
+        array = np.transpose(data, squeezed + order).reshape([data.shape[i] for i in order])
+        if channel is None:
+            array = array[None]
+    return array, _meta(path, "tiff", array, None, 0 if depth is not None else None, tiff_axes=axes)
+
+
+def _probe_tiff(path: Path) -> tuple[tuple[int, ...], int]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes, shape = tif.series[0].axes, tuple(tif.series[0].shape)
+    except Exception as err:
+        raise _fail(path, f"unreadable TIFF file ({_reason(err)})") from err
+    yx, channel, depth = _tiff_layout(axes, shape, path)
+    spatial = tuple(shape[i] for i in ([depth] if depth is not None else []) + yx)
+    return spatial, shape[channel] if channel is not None else 1
+
+
+# PNG / JPEG
+
+
+def _read_pil(path: Path, fmt: str) -> tuple[np.ndarray, dict]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            if mode in ("RGBA", "LA", "PA"):
+                img = img.convert("RGB" if mode == "RGBA" else "L")
+            elif mode == "CMYK":
+                img = img.convert("RGB")
+            data = np.asarray(img)  # palette images give their indices: label maps
+    except Exception as err:
+        raise _fail(path, f"unreadable {fmt.upper()} file ({_reason(err)})") from err
+    array = np.moveaxis(data, -1, 0) if data.ndim == 3 else data[None]
+    return np.ascontiguousarray(array), _meta(path, fmt, array, None, None, pil_mode=mode)
+
+
+def _probe_pil(path: Path, fmt: str) -> tuple[tuple[int, ...], int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:  # lazy: the header only
+            w, h = img.size
+            bands = len(img.getbands())
+    except Exception as err:
+        raise _fail(path, f"unreadable {fmt.upper()} file ({_reason(err)})") from err
+    return (h, w), min(bands, 3)
+
+
+# Dispatch
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Read ``path`` (a file, a DICOM folder or ``folder::SeriesInstanceUID``); see the module doc."""
+    fmt = detect_format(path)
+    folder, _ = split_series(path)
+    if fmt != "dicom" and not folder.is_file():
+        raise _fail(path, "no such file")
+    if fmt != "dicom" and folder.stat().st_size == 0:
+        raise _fail(path, "empty file")
+    if fmt == "nifti":
+        return _read_nifti(folder)
+    if fmt == "dicom":
+        return _read_dicom(path)
+    if fmt == "tiff":
+        return _read_tiff(folder)
+    return _read_pil(folder, fmt)
+
+
+def probe_image(path: str | Path) -> dict:
+    """Spatial shape and channel count from the file's header, without reading pixels."""
+    fmt = detect_format(path)
+    folder, _ = split_series(path)
+    if fmt != "dicom" and not folder.is_file():
+        raise _fail(path, "no such file")
+    if fmt != "dicom" and folder.stat().st_size == 0:
+        raise _fail(path, "empty file")
+    probe = {"nifti": _probe_nifti, "dicom": _probe_dicom, "tiff": _probe_tiff}.get(fmt)
+    shape, channels = probe(path if fmt == "dicom" else folder) if probe else _probe_pil(folder, fmt)
+    return {"format": fmt, "spatial_shape": tuple(int(s) for s in shape), "channels": int(channels)}

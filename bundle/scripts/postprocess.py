@@ -1,0 +1,95 @@
+"""From the network's logits (on the input's grid) to label files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+from .io import write_label
+from .transforms import meta_int, meta_of
+
+
+def logits_to_label(logits: torch.Tensor) -> torch.Tensor:
+    """(C, ...) logits -> (1, ...) label: class c + 1 where its logit is highest and positive
+    (probability above one half; every class is its own sigmoid), background elsewhere."""
+    best, index = torch.as_tensor(logits).max(dim=0, keepdim=True)
+    return torch.where(best > 0, index + 1, 0).to(torch.float32)
+
+
+def instance_labels(label: np.ndarray, split_touching: bool = False, min_distance: int = 4) -> np.ndarray:
+    """Number every connected object of every class 1, 2, 3, ... (classes one after another).
+
+    With ``split_touching``, objects that touch are split by a watershed on the distance to the
+    background, seeded at its local maxima at least ``min_distance`` px apart.
+    """
+    out = np.zeros(label.shape, np.int32)
+    next_id = 1
+    for cls in (c for c in np.unique(label) if c > 0):
+        mask = label == cls
+        if split_touching:
+            distance = ndimage.distance_transform_edt(mask)
+            peaks = (distance == ndimage.maximum_filter(distance, size=2 * min_distance + 1)) & mask
+            markers, _ = ndimage.label(peaks)
+            markers[~mask] = -1  # one background basin keeps the flooding inside the mask
+            cost = np.round((1 - distance / max(distance.max(), 1e-9)) * 65535).astype(np.uint16)
+            regions = np.where(mask, ndimage.watershed_ift(cost, markers.astype(np.int32)), 0)
+        else:
+            regions, _ = ndimage.label(mask)
+        ids = np.unique(regions[regions > 0])
+        remap = np.zeros(int(regions.max()) + 1, np.int32)
+        remap[ids] = np.arange(next_id, next_id + len(ids))
+        out[mask] = remap[regions[mask]]
+        next_id += len(ids)
+    return out
+
+
+class LogitsToLabeld(MapTransform):
+    """Logits -> label map, see ``logits_to_label``."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = logits_to_label(d[key])
+        return d
+
+
+class InstanceLabelsd(MapTransform):
+    """Label map -> instance labels (cells and particles counted one by one), see ``instance_labels``."""
+
+    def __init__(self, keys: KeysCollection = "pred", split_touching: bool = False, min_distance: int = 4, **kw):
+        super().__init__(keys, kw.pop("allow_missing_keys", False))
+        self.split_touching, self.min_distance = split_touching, min_distance
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = torch.as_tensor(d[key])[0].round().to(torch.int64).numpy()
+            instances = instance_labels(label, self.split_touching, self.min_distance)
+            d[key] = torch.from_numpy(instances[None].astype(np.float32))
+        return d
+
+
+class WriteLabeld(MapTransform):
+    """Write each (1, *spatial) label in its input's format and geometry (``scripts.io.writers``);
+    the written path goes to ``<key>_path``."""
+
+    def __init__(
+        self, keys: KeysCollection = "pred", ref_key: str = "image", output_dir: str = ".", postfix: str = "seg", **kw
+    ):
+        super().__init__(keys, kw.pop("allow_missing_keys", False))
+        self.ref_key, self.output_dir, self.postfix = ref_key, output_dir, postfix
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        meta = dict(meta_of(d, self.ref_key))
+        meta["affine"] = np.asarray(torch.as_tensor(meta["affine"]).reshape(4, 4), dtype=np.float64)
+        meta["spatial_shape"] = tuple(meta_int(s) for s in meta["spatial_shape"])
+        for key in self.key_iterator(d):
+            label = torch.as_tensor(d[key])[0].round().to(torch.int64).numpy()
+            d[f"{key}_path"] = str(write_label(label, meta, self.output_dir, self.postfix))
+        return d
