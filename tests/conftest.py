@@ -34,3 +34,13 @@ def tiny_sam_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sam") / "sam_tiny_random.pth"
     torch.save(stock_sam("tiny", seed=123).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Path:
+    """The synthetic datasets, small: 4 training and 2 validation cases per modality."""
+    from scripts.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(str(root), seed=0, n_train=4, n_val=2)
+    return root

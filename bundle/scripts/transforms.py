@@ -264,12 +264,16 @@ class SampleSlicesd(Randomizable, MapTransform):
 
 
 class SamInputd(MapTransform):
-    """SAM's input geometry: the longest in-plane side resized to ``image_size`` (images
-    bilinear with antialiasing, labels nearest), images normalised with SAM's mean and std,
-    then padded at the bottom and right to ``image_size`` x ``image_size``.
+    """SAM's input geometry: the longest in-plane side resized to ``image_size`` (bilinear with
+    antialiasing), images normalised with SAM's mean and std, then padded at the bottom and
+    right to ``image_size`` x ``image_size``.
 
-    2D (C, H, W) -> (C, S, S); a volume -> a stack of slices (C, n, S, S). The geometry is
-    recorded in the metadata for ``InvertSamInputd``.
+    Images: 2D (C, H, W) -> (C, S, S); a volume -> a stack of slices (C, n, S, S).
+    Labels (keys not in ``image_keys``) of classes 0..``num_classes`` become one soft channel
+    per class, (num_classes, S, S) or (num_classes, n, S, S): resizing the class masks rather
+    than the class numbers keeps sub-pixel boundaries, so a label sent here and back through
+    ``InvertSamInputd`` is nearly unchanged even where the image is shrunk.
+    The geometry is recorded in the metadata for ``InvertSamInputd``.
     """
 
     def __init__(
@@ -277,12 +281,14 @@ class SamInputd(MapTransform):
         keys: KeysCollection = ("image", "label"),
         image_size: int = 1024,
         image_keys: KeysCollection = ("image",),
+        num_classes: int = 1,
         slice_axis: int | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.size = int(image_size)
         self.image_keys = {image_keys} if isinstance(image_keys, str) else set(image_keys)
+        self.num_classes = int(num_classes)
         self.slice_axis = slice_axis
 
     def __call__(self, data: Mapping) -> dict:
@@ -298,22 +304,24 @@ class SamInputd(MapTransform):
             H, W = stack.shape[-2:]
             scale = self.size / max(H, W)
             resized = (int(H * scale + 0.5), int(W * scale + 0.5))  # as SAM's ResizeLongestSide
+            if key not in self.image_keys:  # class numbers -> one mask per class
+                stack = torch.cat([(stack == c).float() for c in range(1, self.num_classes + 1)], dim=1)
+            stack = F.interpolate(stack, resized, mode="bilinear", align_corners=False, antialias=True)
             if key in self.image_keys:
-                stack = F.interpolate(stack, resized, mode="bilinear", align_corners=False, antialias=True)
                 mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
                 stack = (stack - mean) / torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
-            else:
-                stack = F.interpolate(stack, resized, mode="nearest-exact")
             stack = F.pad(stack, (0, self.size - resized[1], 0, self.size - resized[0]))
             out = stack.transpose(0, 1)
             out = out if axis >= 0 else out[:, 0]
             meta.update(sam_slice_axis=axis, sam_in_plane=(H, W), sam_resized=resized, sam_size=self.size)
-            d[key] = MetaTensor(out.contiguous(), affine=meta.get("affine"), meta=meta)
+            d[key] = MetaTensor(out.contiguous(), meta=meta)
         return d
 
 
 def invert_sam_geometry(pred: torch.Tensor, meta: Mapping, mode: str = "bilinear") -> torch.Tensor:
-    """(K, S, S) or (K, n, S, S) in SAM's geometry -> (K, *spatial) on the input's grid."""
+    """(K, S, S) or (K, n, S, S) in SAM's geometry -> (K, *spatial) on the input's grid.
+
+    Logits and soft class masks are interpolated bilinearly; ``mode="nearest"`` keeps values."""
     h, w = _pair(meta["sam_resized"])
     H, W = _pair(meta["sam_in_plane"])
     axis = meta_int(meta["sam_slice_axis"])

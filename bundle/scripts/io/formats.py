@@ -31,6 +31,10 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def looks_like_dicom(path: Path) -> bool:
+    return path.is_file() and (suffix_of(path) == ".dcm" or (path.suffix == "" and _is_dicom_file(path)))
+
+
 def split_series(path: str | Path) -> tuple[Path, str | None]:
     """``"dir::uid"`` -> (dir, uid); any other path -> (path, None)."""
     text = str(path)
@@ -77,7 +81,7 @@ def is_supported(path: str | Path) -> bool:
 
 def list_images(folder: str | Path) -> tuple[list[str], list[str]]:
     """Images directly in ``folder`` (files, DICOM series, DICOM sub-folders), and the ignored rest."""
-    from .readers import dicom_series_in  # late: readers imports this module
+    from .readers import ImageReadError, dicom_series_in  # late: readers imports this module
 
     folder = Path(folder)
     images, ignored = [], []
@@ -86,17 +90,23 @@ def list_images(folder: str | Path) -> tuple[list[str], list[str]]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            series = dicom_series_in(entry)
+            try:
+                series = dicom_series_in(entry)
+            except ImageReadError as err:
+                series, entry = [], f"{entry} ({err})"
             if series:
                 images += series
             else:
                 ignored.append(str(entry))
-        elif suffix_of(entry) == ".dcm" or (entry.suffix == "" and _is_dicom_file(entry)):
+        elif looks_like_dicom(entry):
             loose_dicom = True
         elif is_supported(entry):
             images.append(str(entry))
         else:
             ignored.append(str(entry))
     if loose_dicom:
-        images += dicom_series_in(folder)
+        try:
+            images += dicom_series_in(folder)
+        except ImageReadError as err:
+            ignored.append(str(err))
     return images, ignored

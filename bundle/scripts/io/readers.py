@@ -89,9 +89,16 @@ def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
 
 def dicom_series_in(folder: Path) -> list[str]:
     """``folder::uid`` for every DICOM series directly in ``folder`` (grouped by SeriesInstanceUID)."""
+    return [f"{folder}{SERIES_SEP}{uid}" for uid in _series_ids(folder)]
+
+
+def _series_ids(folder: Path) -> list[str]:
     import SimpleITK as sitk
 
-    return [f"{folder}{SERIES_SEP}{uid}" for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as err:  # GDCM gives up on malformed files
+        raise _fail(folder, f"cannot scan the DICOM files of this folder ({_reason(err)})") from err
 
 
 def _series_files(path: Any) -> list[str]:
@@ -101,7 +108,7 @@ def _series_files(path: Any) -> list[str]:
     if folder.is_file():
         return [str(folder)]
     if uid is None:
-        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        uids = _series_ids(folder)
         if len(uids) != 1:
             found = f"{len(uids)} series" if uids else "no DICOM series"
             raise _fail(path, f"{found} in this folder; name one as '{folder}{SERIES_SEP}<SeriesInstanceUID>'")
@@ -121,18 +128,56 @@ def _sitk_affine(image: Any) -> np.ndarray:
     return _LPS_TO_RAS @ affine
 
 
+def _unparsed_files(folder: Path) -> list[str]:
+    """DICOM-looking files of ``folder`` that belong to no series: GDCM skipped them as broken."""
+    from .formats import looks_like_dicom
+
+    in_series = {str(Path(f)) for f in _all_series_files(folder)}
+    return sorted(str(f) for f in folder.iterdir() if looks_like_dicom(f) and str(f) not in in_series)
+
+
+def _all_series_files(folder: Path) -> list[str]:
+    import SimpleITK as sitk
+
+    return [f for uid in _series_ids(folder) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+
+
+def _check_spacing(reader: Any, image: Any, path: Any) -> None:
+    """Refuse a series with missing slices: GDCM would stack the rest as if nothing were lost."""
+    if not all(reader.HasMetaDataKey(i, "0020|0032") for i in range(image.GetSize()[2])):
+        return
+    normal = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    positions = [np.array(reader.GetMetaData(i, "0020|0032").split("\\"), float) for i in range(image.GetSize()[2])]
+    gaps = np.diff(np.sort([p @ normal for p in positions]))
+    if gaps.size > 1 and gaps.max() > 1.5 * np.median(gaps):
+        gap, step = gaps.max(), np.median(gaps)
+        raise _fail(path, f"missing slices: a gap of {gap:.2f} mm where slices lie {step:.2f} mm apart")
+
+
 def _read_dicom(path: Any) -> tuple[np.ndarray, dict]:
     import SimpleITK as sitk
 
     files = _series_files(path)
+    folder = split_series(path)[0]
+    if folder.is_dir():
+        broken = _unparsed_files(folder)
+        if broken:
+            names = ", ".join(Path(f).name for f in broken[:3]) + (" ..." if len(broken) > 3 else "")
+            raise _fail(path, f"{len(broken)} DICOM file(s) of this folder are unreadable (truncated?): {names}")
     try:
         if len(files) == 1:
             image = sitk.ReadImage(files[0])
+            tags = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys()}
         else:
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
+            reader.MetaDataDictionaryArrayUpdateOn()
             image = reader.Execute()
+            _check_spacing(reader, image, path)
+            tags = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
         data = sitk.GetArrayFromImage(image)  # z, y, x (and components last)
+    except ImageReadError:
+        raise
     except Exception as err:  # truncated pixel data, not DICOM, unreadable
         raise _fail(path, f"unreadable DICOM ({_reason(err)})") from err
     if image.GetDimension() == 2:
@@ -144,7 +189,7 @@ def _read_dicom(path: Any) -> tuple[np.ndarray, dict]:
         data = data[None]
     array = np.ascontiguousarray(np.transpose(data, (0, 3, 2, 1)))  # C, x, y, z
     affine = _sitk_affine(image)
-    modality = image.GetMetaData("0008|0060").strip() if image.HasMetaDataKey("0008|0060") else ""
+    modality = tags.get("0008|0060", "").strip()
     if array.shape[3] == 1:
         array, axial = array[..., 0], None
     else:
