@@ -123,7 +123,7 @@ def check_case(
             f"{image_path}: {voxels:,} values ({head['spatial_shape']} x {head['channels']} channels) exceed the "
             f"budget max_voxels={max_voxels:,}; raise it if the machine has the memory, or crop the image"
         ]
-    if min(head["spatial_shape"]) < MIN_SIZE:
+    if sorted(head["spatial_shape"])[-2] < MIN_SIZE:  # in-plane; a volume may have few slices
         return [f"{image_path}: image of shape {head['spatial_shape']} is smaller than {MIN_SIZE} px"]
     try:
         image, meta = read_image(image_path)

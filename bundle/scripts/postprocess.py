@@ -21,23 +21,24 @@ def logits_to_label(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(best > 0, index + 1, 0).to(torch.float32)
 
 
-def instance_labels(label: np.ndarray, split_touching: bool = False, min_distance: int = 4) -> np.ndarray:
+def instance_labels(label: np.ndarray, split_touching: bool = False, min_depth: float = 2.0) -> np.ndarray:
     """Number every connected object of every class 1, 2, 3, ... (classes one after another).
 
-    With ``split_touching``, objects that touch are split by a watershed on the distance to the
-    background, seeded at its local maxima at least ``min_distance`` px apart.
+    With ``split_touching``, touching objects are split by a watershed on the distance to the
+    background, seeded at its maxima that rise at least ``min_depth`` px above the neck
+    joining them to another (so a waist narrower than the objects by that much separates them).
     """
     out = np.zeros(label.shape, np.int32)
     next_id = 1
     for cls in (c for c in np.unique(label) if c > 0):
         mask = label == cls
         if split_touching:
+            from skimage.morphology import h_maxima
+            from skimage.segmentation import watershed
+
             distance = ndimage.distance_transform_edt(mask)
-            peaks = (distance == ndimage.maximum_filter(distance, size=2 * min_distance + 1)) & mask
-            markers, _ = ndimage.label(peaks)
-            markers[~mask] = -1  # one background basin keeps the flooding inside the mask
-            cost = np.round((1 - distance / max(distance.max(), 1e-9)) * 65535).astype(np.uint16)
-            regions = np.where(mask, ndimage.watershed_ift(cost, markers.astype(np.int32)), 0)
+            markers, _ = ndimage.label(h_maxima(distance, min_depth))  # a plateau is one seed
+            regions = watershed(-distance, markers, mask=mask)
         else:
             regions, _ = ndimage.label(mask)
         ids = np.unique(regions[regions > 0])
@@ -61,15 +62,15 @@ class LogitsToLabeld(MapTransform):
 class InstanceLabelsd(MapTransform):
     """Label map -> instance labels (cells and particles counted one by one), see ``instance_labels``."""
 
-    def __init__(self, keys: KeysCollection = "pred", split_touching: bool = False, min_distance: int = 4, **kw):
+    def __init__(self, keys: KeysCollection = "pred", split_touching: bool = False, min_depth: float = 2.0, **kw):
         super().__init__(keys, kw.pop("allow_missing_keys", False))
-        self.split_touching, self.min_distance = split_touching, min_distance
+        self.split_touching, self.min_depth = split_touching, min_depth
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             label = torch.as_tensor(d[key])[0].round().to(torch.int64).numpy()
-            instances = instance_labels(label, self.split_touching, self.min_distance)
+            instances = instance_labels(label, self.split_touching, self.min_depth)
             d[key] = torch.from_numpy(instances[None].astype(np.float32))
         return d
 
