@@ -73,3 +73,22 @@ def test_prediction_written_in_the_inputs_geometry(synthetic, tmp_path):
     assert written.shape == organ.shape and np.allclose(meta["affine"], image_meta["affine"])
     dice = 2 * ((written > 0) & (organ > 0)).sum() / ((written > 0).sum() + (organ > 0).sum())
     assert dice > 0.98
+
+
+def test_slice_batch_inferer_equals_one_slice_at_a_time():
+    from scripts.inferers import SliceBatchInferer
+
+    calls = []
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return torch.stack([x.sum(1), -x.mean(1)], dim=1)  # (b, 2, S, S): depends on each slice only
+
+    volume = torch.randn(2, 3, 7, 16, 16)
+    batched = SliceBatchInferer(batch_size=4)(volume, network)
+    assert batched.shape == (2, 2, 7, 16, 16) and calls == [4, 4, 4, 2]
+    for b in range(2):
+        for k in range(7):
+            assert torch.allclose(batched[b, :, k], network(volume[b : b + 1, :, k])[0])
+    image = torch.randn(2, 3, 16, 16)
+    assert torch.equal(SliceBatchInferer()(image, network), network(image))
