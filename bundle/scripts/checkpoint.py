@@ -132,20 +132,25 @@ def ignore_missing_backbone(module: nn.Module, incompatible_keys: Any) -> None:
 # Files.
 
 
-def save_prompts(net: nn.Module, path: str | Path) -> Path:
-    """Write ``net``'s prompt checkpoint atomically (temporary file, then rename)."""
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         with open(tmp, "wb") as f:
-            torch.save(net.state_dict(), f)
+            torch.save(obj, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_prompts(net: nn.Module, path: str | Path) -> Path:
+    """Write ``net``'s prompt checkpoint atomically."""
+    return atomic_torch_save(net.state_dict(), path)
 
 
 def load_prompts(net: nn.Module, path: str | Path) -> None:

@@ -23,13 +23,17 @@ def decode_masks(
     """Low-resolution mask logits (B, C, 4h, 4w).
 
     embeddings: (B, 256, h, w) image embeddings; image_pe: (1, 256, h, w);
-    dense_prompt: (1, 256, 1, 1) no-mask embedding; prompts: (C, n, 256).
+    dense_prompt: (1, 256, 1, 1) no-mask embedding, or (B, 256, h, w);
+    prompts: (C, n, 256) shared by all images, or (B, C, n, 256) per image.
     """
-    B, C = embeddings.shape[0], prompts.shape[0]
+    B = embeddings.shape[0]
+    if prompts.ndim == 3:
+        prompts = prompts.expand(B, -1, -1, -1)
+    C, n = prompts.shape[1], prompts.shape[2]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat([output_tokens.expand(C, -1, -1), prompts], dim=1)  # C, 5 + n, 256
-    tokens = tokens.repeat(B, 1, 1)  # row b * C + c: image b, class c
-    src = embeddings.repeat_interleave(C, dim=0) + dense_prompt
+    # row b * C + c: image b, class c
+    tokens = torch.cat([output_tokens.expand(B * C, -1, -1), prompts.reshape(B * C, n, prompts.shape[-1])], dim=1)
+    src = (embeddings + dense_prompt).repeat_interleave(C, dim=0)
     pos = image_pe.expand(B * C, -1, -1, -1)
     b, c, h, w = src.shape
     hs, src = decoder.transformer(src, pos, tokens)
