@@ -2,8 +2,9 @@
 
 No SAM weights can be had on our machines, and prompts cannot steer a random frozen SAM.
 This trains the whole `tiny` model, prompt encoder included, on synthetic scenes
-(``scripts.scenes``): each step shows one object selected by a point or a box prompt. The
-result is saved as an official-format SAM state dict and cached by code version and seed.
+(``scripts.scenes``): each example selects one object by a point or a box, or several by
+positive clicks with negative clicks on others. The result is saved as an official-format
+SAM state dict and cached by code version and seed.
 
     python -m scripts.generalist --steps 1000 --seed 0      # prints the checkpoint path
 """
@@ -48,35 +49,57 @@ def generalist_path(seed: int = 0, steps: int = DEFAULT_STEPS) -> Path:
     return cache_dir() / f"sam_tiny_generalist_{code_version()}_s{seed}_n{steps}.pth"
 
 
+MAX_POINTS = 5  # every prompt is padded to 6 tokens so a batch decodes together
+
+
+def _point_in(rng: np.random.Generator, mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    i = rng.integers(len(ys))
+    return [xs[i] + 0.5, ys[i] + 0.5]
+
+
+def _prompt(rng: np.random.Generator, masks: np.ndarray) -> tuple[list, list, list | None, np.ndarray]:
+    """A SAM-style prompt and its target: one object by a point or a box, or several objects
+    by positive clicks with negative clicks on others (the target is the union)."""
+    k = len(masks)
+    mode = rng.choice(["point", "box", "clicks"], p=[0.35, 0.3, 0.35])
+    if mode == "clicks" and k >= 2:
+        order = rng.permutation(k)
+        n_pos = rng.integers(1, min(3, k - 1) + 1)
+        n_neg = rng.integers(0, min(2, k - n_pos) + 1)
+        targets, others = order[:n_pos], order[n_pos : n_pos + n_neg]
+        coords = [_point_in(rng, masks[i]) for i in targets] + [_point_in(rng, masks[i]) for i in others]
+        labels = [1] * len(targets) + [0] * len(others)
+        return coords, labels, None, masks[targets].any(axis=0)
+    i = rng.integers(k)
+    if mode == "box":
+        ys, xs = np.nonzero(masks[i])
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64) + rng.normal(0, 2, 4)
+        return [], [], box.tolist(), masks[i]
+    return [_point_in(rng, masks[i])], [1], None, masks[i]
+
+
 def _batch(rng: np.random.Generator, size: int, batch: int):
-    """Scenes, the mask of one object of each, and a point or a box selecting it."""
-    images, targets, points, boxes = [], [], [], []
+    images, targets, prompts = [], [], []
     for _ in range(batch):
         scene = make_scene(rng, size, style="shifted" if rng.random() < 0.2 else "plain")
-        mask = scene.masks[rng.integers(len(scene.masks))]
-        ys, xs = np.nonzero(mask)
-        if rng.random() < 0.5:
-            i = rng.integers(len(ys))
-            points.append([xs[i] + 0.5, ys[i] + 0.5])
-            boxes.append(None)
-        else:
-            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64) + rng.normal(0, 2, 4)
-            boxes.append(box.tolist())
-            points.append(None)
+        coords, labels, box, target = _prompt(rng, scene.masks)
         images.append(scene.image)
-        targets.append(mask.astype(np.float32))
-    return np.stack(images), np.stack(targets), points, boxes
+        targets.append(target.astype(np.float32))
+        prompts.append((coords, labels, box))
+    return np.stack(images), np.stack(targets), prompts
 
 
-def _prompt_embeddings(sam: torch.nn.Module, points: list, boxes: list) -> torch.Tensor:
-    """(B, 1, 2, 256): a point (and SAM's padding point) or a box's two corners, per image."""
+def _prompt_embeddings(sam: torch.nn.Module, prompts: list) -> torch.Tensor:
+    """(B, 1, 6, 256): each prompt's tokens, padded with SAM's not-a-point entries (label -1)."""
     sparse = []
-    for point, box in zip(points, boxes, strict=True):
-        if point is not None:
-            coords = torch.tensor([[point]], dtype=torch.float32)
-            tokens, _ = sam.prompt_encoder(points=(coords, torch.ones(1, 1)), boxes=None, masks=None)
-        else:
-            tokens, _ = sam.prompt_encoder(points=None, boxes=torch.tensor([box], dtype=torch.float32), masks=None)
+    for coords, labels, box in prompts:
+        # without a box the encoder appends one padding point itself; a box adds two tokens
+        pad = MAX_POINTS - len(coords) - (0 if box is None else 1)
+        coords = torch.tensor([coords + [[0.0, 0.0]] * pad], dtype=torch.float32).reshape(1, -1, 2)
+        labels = torch.tensor([labels + [-1] * pad], dtype=torch.float32).reshape(1, -1)
+        boxes = None if box is None else torch.tensor([box], dtype=torch.float32)
+        tokens, _ = sam.prompt_encoder(points=(coords, labels), boxes=boxes, masks=None)
         sparse.append(tokens)
     return torch.stack(sparse)
 
@@ -103,14 +126,14 @@ def pretrain(steps: int = DEFAULT_STEPS, seed: int = 0, batch: int = 4, lr: floa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in range(steps):
-            images, targets, points, boxes = _batch(rng, size, batch)
+            images, targets, prompts = _batch(rng, size, batch)
             embeddings = sam.image_encoder((torch.from_numpy(images) - mean) / std)
             low_res = decode_masks(
                 sam.mask_decoder,
                 embeddings,
                 sam.prompt_encoder.get_dense_pe(),
                 sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1),
-                _prompt_embeddings(sam, points, boxes),
+                _prompt_embeddings(sam, prompts),
             )
             logits = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[:, 0]
             loss = _loss(logits, torch.from_numpy(targets))

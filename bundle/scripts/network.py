@@ -71,7 +71,15 @@ class PTSAM(nn.Module):
         return F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes, S, S) for images (B, 3, S, S), or for their image embeddings
+        (B, 256, S/16, S/16) from ``encode`` — what the embedding cache feeds in training."""
+        if self.is_embedding(image):
+            return self.upsample(self.decode(image))
         return self.upsample(self.decode(self.encode(image)))
+
+    def is_embedding(self, x: torch.Tensor) -> bool:
+        size = self.img_size // 16
+        return x.ndim == 4 and x.shape[1] == PROMPT_EMBED_DIM and tuple(x.shape[-2:]) == (size, size)
 
     def train(self, mode: bool = True) -> PTSAM:
         super().train(mode)

@@ -122,6 +122,25 @@ class LabelClassesd(MapTransform):
         return d
 
 
+def class_masks(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class numbers (1, ...) -> one binary mask per class (num_classes, ...), background dropped."""
+    return torch.cat([(label == c).float() for c in range(1, num_classes + 1)])
+
+
+class ClassMasksd(MapTransform):
+    """Label maps -> one binary channel per class, what the metrics compare."""
+
+    def __init__(self, keys: KeysCollection = "label", num_classes: int = 1, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = int(num_classes)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = class_masks(torch.as_tensor(d[key]), self.num_classes)
+        return d
+
+
 def _quantiles(x: torch.Tensor, lower: float, upper: float) -> tuple[float, float]:
     flat = x.reshape(-1)
     if flat.numel() > _MAX_QUANTILE_SAMPLES:  # an even subsample: deterministic and cheap
@@ -305,7 +324,7 @@ class SamInputd(MapTransform):
             scale = self.size / max(H, W)
             resized = (int(H * scale + 0.5), int(W * scale + 0.5))  # as SAM's ResizeLongestSide
             if key not in self.image_keys:  # class numbers -> one mask per class
-                stack = torch.cat([(stack == c).float() for c in range(1, self.num_classes + 1)], dim=1)
+                stack = class_masks(stack.transpose(0, 1), self.num_classes).transpose(0, 1)
             stack = F.interpolate(stack, resized, mode="bilinear", align_corners=False, antialias=True)
             if key in self.image_keys:
                 mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)

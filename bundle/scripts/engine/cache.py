@@ -1,0 +1,109 @@
+"""The embedding cache: SAM's frozen encoder runs once per distinct input, not once per step.
+
+With no image-encoder prompts the encoder is frozen and its output for a given
+preprocessed image never changes. ``EncodeImaged`` replaces the image by its embedding,
+kept in memory and on disk under a key made of the image's bytes and the backbone's
+fingerprint (which covers the variant and its weights), so a second run reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from ..checkpoint import atomic_torch_save
+from .checkpoints import unwrap
+
+logger = logging.getLogger(__name__)
+
+
+def use_cache(cache_embeddings: bool | None, n_ie_prompts: int, augment: bool = False) -> bool:
+    """Whether to cache: on by default without image-encoder prompts; never with them, nor with
+    augmentation that changes the image every epoch (a note says why)."""
+    if cache_embeddings is None:
+        cache_embeddings = n_ie_prompts == 0
+    if cache_embeddings and n_ie_prompts > 0:
+        logger.warning("embedding cache off: image-encoder prompts change the encoder's output as they learn")
+        return False
+    if cache_embeddings and augment:
+        logger.warning("embedding cache off: augmentation changes the image every epoch")
+        return False
+    return bool(cache_embeddings)
+
+
+class EncodeImaged(MapTransform):
+    """Image (3, S, S) or slice stack (3, n, S, S) -> embedding (256, S/16, S/16) or (256, n, ...),
+    keeping the image's metadata. ``cache_dir=None`` keeps the cache in memory only;
+    ``enabled=False`` passes images through (the configs switch the cache with it)."""
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        keys: KeysCollection = "image",
+        cache_dir: str | Path | None = None,
+        enabled: bool = True,
+        device: str | torch.device | None = None,
+        batch_size: int = 8,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.network = unwrap(network)
+        self.enabled = enabled
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.device = device
+        self.batch_size = batch_size
+        self.memory: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def key_of(self, image: torch.Tensor) -> str:
+        digest = hashlib.sha256(self.network.backbone.fingerprint.encode())
+        digest.update(str(tuple(image.shape)).encode())
+        digest.update(image.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
+        device = self.device or next(self.network.parameters()).device
+        stack = image.reshape(3, -1, *image.shape[-2:]).transpose(0, 1)  # n, 3, S, S
+        with torch.no_grad():
+            out = torch.cat([self.network.encode(c.to(device)).cpu() for c in stack.split(self.batch_size)])
+        out = out.transpose(0, 1)  # 256, n, h, w
+        return out if image.ndim == 4 else out[:, 0]
+
+    def embedding(self, image: torch.Tensor) -> torch.Tensor:
+        key = self.key_of(image)
+        if key in self.memory:
+            self.hits += 1
+            return self.memory[key]
+        path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        if path is not None and path.is_file():
+            try:
+                value = torch.load(path, map_location="cpu", weights_only=True)
+                self.hits += 1
+            except Exception:  # a damaged cache file is recomputed
+                value = None
+        else:
+            value = None
+        if value is None:
+            self.misses += 1
+            value = self._encode(torch.as_tensor(image))
+            if path is not None:
+                atomic_torch_save(value, path)
+        self.memory[key] = value
+        return value
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+            d[key] = MetaTensor(self.embedding(torch.as_tensor(image)), meta=meta)
+        return d

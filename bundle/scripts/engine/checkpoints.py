@@ -1,0 +1,95 @@
+"""The best prompts as ``models/model.pt``, and the whole training state for resuming.
+
+``BestPromptSaver`` (a validation handler) writes the prompt-only checkpoint whenever the key
+validation metric improves. ``TrainingState`` (a training handler, attached last) writes
+network, optimiser, scheduler, trainer, best-model and early-stopping state after every
+epoch, atomically; when the same command runs again after an interruption, even a SIGKILL
+mid-epoch, it loads that file at start and training continues from the last saved epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from ..checkpoint import atomic_torch_save, save_prompts
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The network inside DistributedDataParallel / DataParallel."""
+    return getattr(network, "module", network)
+
+
+def validated_now(trainer: Engine, evaluator: Engine) -> bool:
+    """Whether the evaluator has just validated this training epoch."""
+    return evaluator.state.epoch == trainer.state.epoch and bool(evaluator.state.metrics)
+
+
+class BestPromptSaver:
+    """Attached to the trainer after its ``ValidationHandler``: writes the prompts to
+    ``model_path`` whenever the evaluator's ``metric_name`` improves."""
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        model_path: str | Path,
+        evaluator: Engine,
+        metric_name: str = "val_mean_dice",
+    ):
+        self.network, self.model_path = network, Path(model_path)
+        self.evaluator, self.metric_name = evaluator, metric_name
+        self.best, self.best_epoch = -math.inf, 0
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, trainer: Engine) -> None:
+        if not validated_now(trainer, self.evaluator):
+            return
+        value = float(self.evaluator.state.metrics[self.metric_name])
+        if value > self.best:
+            self.best, self.best_epoch = value, int(trainer.state.epoch)
+            save_prompts(unwrap(self.network), self.model_path)
+            logger.info("new best %s %.4f: prompts saved to %s", self.metric_name, value, self.model_path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+
+
+class TrainingState:
+    def __init__(self, path: str | Path, objects: dict[str, Any], resume: bool = True):
+        self.path, self.objects, self.resume = Path(path), objects, resume
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self.load)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def _state_of(self, name: str, obj: Any) -> Any:
+        return unwrap(obj).state_dict() if isinstance(obj, torch.nn.Module) else obj.state_dict()
+
+    def save(self, trainer: Engine) -> None:
+        state = {name: self._state_of(name, obj) for name, obj in self.objects.items()}
+        state["trainer"] = trainer.state_dict()
+        state["torch_rng"] = torch.get_rng_state()
+        atomic_torch_save(state, self.path)
+
+    def load(self, trainer: Engine) -> None:
+        if not self.resume or not self.path.is_file():
+            return
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        for name, obj in self.objects.items():
+            (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).load_state_dict(state[name])
+        max_epochs = trainer.state.max_epochs
+        trainer.load_state_dict({**state["trainer"], "max_epochs": max(max_epochs, state["trainer"]["epoch"])})
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resumed from %s: epoch %d of %d done", self.path, trainer.state.epoch, max_epochs)
