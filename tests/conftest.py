@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -44,3 +46,24 @@ def synthetic(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate(str(root), seed=0, n_train=4, n_val=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def generalist() -> Path:
+    """The pretrained `tiny` generalist (built once, about 2.5 minutes on 2 cores, then cached)."""
+    from scripts.generalist import ensure_generalist
+
+    return ensure_generalist(seed=0)
+
+
+def monai_bundle(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ...`` from the bundle folder, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "monai.bundle", *args],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+    )

@@ -86,13 +86,14 @@ class EncodeImaged(MapTransform):
             try:
                 value = torch.load(path, map_location="cpu", weights_only=True)
                 self.hits += 1
-            except Exception:  # a damaged cache file is recomputed
+            except Exception as err:  # a damaged cache file is recomputed
+                logger.warning("embedding cache file %s unreadable (%s): recomputing", path, err)
                 value = None
         else:
             value = None
         if value is None:
             self.misses += 1
-            value = self._encode(torch.as_tensor(image))
+            value = self._encode(image)
             if path is not None:
                 atomic_torch_save(value, path)
         self.memory[key] = value
@@ -105,5 +106,6 @@ class EncodeImaged(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
-            d[key] = MetaTensor(self.embedding(torch.as_tensor(image)), meta=meta)
+            plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            d[key] = MetaTensor(self.embedding(plain), meta=meta)
         return d

@@ -80,6 +80,7 @@ class TrainingState:
     def save(self, trainer: Engine) -> None:
         state = {name: self._state_of(name, obj) for name, obj in self.objects.items()}
         state["trainer"] = trainer.state_dict()
+        state["epoch"] = trainer.state.epoch  # for people and tests; ignite resumes from "trainer"
         state["torch_rng"] = torch.get_rng_state()
         atomic_torch_save(state, self.path)
 
@@ -90,6 +91,6 @@ class TrainingState:
         for name, obj in self.objects.items():
             (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).load_state_dict(state[name])
         max_epochs = trainer.state.max_epochs
-        trainer.load_state_dict({**state["trainer"], "max_epochs": max(max_epochs, state["trainer"]["epoch"])})
+        trainer.load_state_dict({**state["trainer"], "max_epochs": max(max_epochs, state["epoch"])})
         torch.set_rng_state(state["torch_rng"])
         logger.info("resumed from %s: epoch %d of %d done", self.path, trainer.state.epoch, max_epochs)
