@@ -62,12 +62,21 @@ class LogitsToLabeld(MapTransform):
 class InstanceLabelsd(MapTransform):
     """Label map -> instance labels (cells and particles counted one by one), see ``instance_labels``."""
 
-    def __init__(self, keys: KeysCollection = "pred", split_touching: bool = False, min_depth: float = 2.0, **kw):
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        enabled: bool = True,
+        split_touching: bool = False,
+        min_depth: float = 2.0,
+        **kw,
+    ):
         super().__init__(keys, kw.pop("allow_missing_keys", False))
-        self.split_touching, self.min_depth = split_touching, min_depth
+        self.enabled, self.split_touching, self.min_depth = enabled, split_touching, min_depth
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
+        if not self.enabled:
+            return d
         for key in self.key_iterator(d):
             label = torch.as_tensor(d[key])[0].round().to(torch.int64).numpy()
             instances = instance_labels(label, self.split_touching, self.min_depth)

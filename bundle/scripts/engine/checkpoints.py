@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from ..checkpoint import atomic_torch_save, save_prompts
+from ..checkpoint import atomic_torch_save, load_prompts, save_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +94,24 @@ class TrainingState:
         trainer.load_state_dict({**state["trainer"], "max_epochs": max(max_epochs, state["epoch"])})
         torch.set_rng_state(state["torch_rng"])
         logger.info("resumed from %s: epoch %d of %d done", self.path, trainer.state.epoch, max_epochs)
+
+
+class LoadPrompts:
+    """Evaluation and inference: load the trained prompts before the first image, or stop
+    with a message saying how to get them."""
+
+    def __init__(self, network: torch.nn.Module, model_path: str | Path):
+        self.network, self.model_path = network, Path(model_path)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.model_path.is_file():
+            raise FileNotFoundError(
+                f"no trained prompts at {self.model_path}: train first "
+                "(python -m monai.bundle run training --config_file configs/train.yaml ...) "
+                "or point `model_path` at a model.pt"
+            )
+        load_prompts(unwrap(self.network), self.model_path)
+        logger.info("prompts loaded from %s", self.model_path)
