@@ -29,8 +29,7 @@ lint: setup
 	$(PY) -m ruff format --check bundle tests
 
 demo: setup
-	@echo "make demo arrives with the workflows issue (#4): training, evaluation and inference on synthetic data."
-	@echo "Until then: make test checks the network and its checkpoints."
+	cd bundle && ../$(PY) -m scripts.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
