@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from .io import write_label
+from .io.writers import output_path
 from .transforms import meta_int, meta_of
 
 
@@ -86,13 +88,25 @@ class InstanceLabelsd(MapTransform):
 
 class WriteLabeld(MapTransform):
     """Write each (1, *spatial) label in its input's format and geometry (``scripts.io.writers``);
-    the written path goes to ``<key>_path``."""
+    the written path goes to ``<key>_path``. Two inputs of one name (``a/x.png``, ``b/x.png``, or
+    a DICOM folder ``ct_1`` beside ``ct_1.nii.gz``) get ``x_seg.png`` and ``x_seg_2.png``."""
 
     def __init__(
         self, keys: KeysCollection = "pred", ref_key: str = "image", output_dir: str = ".", postfix: str = "seg", **kw
     ):
         super().__init__(keys, kw.pop("allow_missing_keys", False))
         self.ref_key, self.output_dir, self.postfix = ref_key, output_dir, postfix
+        self.written: dict[Path, str] = {}  # output -> the input it was written for, in this run
+
+    def _path_for(self, meta: dict) -> Path:
+        path = output_path(meta, self.output_dir, self.postfix)
+        suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        source, candidate, n = str(meta["filename_or_obj"]), path, 1
+        while self.written.get(candidate, source) != source:
+            n += 1
+            candidate = path.with_name(f"{path.name[: -len(suffix)]}_{n}{suffix}")
+        self.written[candidate] = source
+        return candidate
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -101,5 +115,6 @@ class WriteLabeld(MapTransform):
         meta["spatial_shape"] = tuple(meta_int(s) for s in meta["spatial_shape"])
         for key in self.key_iterator(d):
             label = torch.as_tensor(d[key])[0].round().to(torch.int64).numpy()
-            d[f"{key}_path"] = str(write_label(label, meta, self.output_dir, self.postfix))
+            path = self._path_for(meta)
+            d[f"{key}_path"] = str(write_label(label, meta, self.output_dir, self.postfix, path=path))
         return d

@@ -30,7 +30,7 @@ class Screening:
                 self.good.append(dict(item))
         if not items:
             self.failures.append("no input images found")
-        self.written: list[str] = []
+        self.written: list[tuple[str, str]] = []  # (input, output)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
@@ -38,13 +38,13 @@ class Screening:
     def _collect(self, engine: Engine) -> None:
         for item in engine.state.output:
             if "pred_path" in item:
-                self.written.append(item["pred_path"])
+                self.written.append((str(item["image"].meta["filename_or_obj"]), item["pred_path"]))
 
     def finish(self) -> None:
         """Log the summary; exit with status 1 if any input failed."""
         logger.info("inference: %d written, %d failed", len(self.written), len(self.failures))
-        for path in self.written:
-            logger.info("  wrote %s", path)
+        for source, path in self.written:
+            logger.info("  wrote %s -> %s", source, path)
         for problem in self.failures:
             logger.error("  failed %s", problem)
         if self.failures:

@@ -81,8 +81,11 @@ def _write_png(label: np.ndarray, meta: Mapping[str, Any], path: Path) -> None:
         Image.fromarray(label.astype(np.uint16)).save(path, format="PNG")
 
 
-def write_label(label: np.ndarray, meta: Mapping[str, Any], output_dir: str | Path, postfix: str = "seg") -> Path:
-    """Write ``label`` (the input's spatial shape, no channel axis) next to ``output_dir``."""
+def write_label(
+    label: np.ndarray, meta: Mapping[str, Any], output_dir: str | Path, postfix: str = "seg", path: Path | None = None
+) -> Path:
+    """Write ``label`` (the input's spatial shape, no channel axis) into ``output_dir``
+    (at ``path`` if given, else at ``output_path``)."""
     label = np.asarray(label)
     if tuple(label.shape) != tuple(meta["spatial_shape"]):
         raise ValueError(
@@ -93,5 +96,5 @@ def write_label(label: np.ndarray, meta: Mapping[str, Any], output_dir: str | Pa
     writer = {"nifti": _write_nifti, "dicom": _write_nifti, "tiff": _write_tiff}.get(fmt, _write_png)
     if fmt in ("png", "jpeg") and label.ndim != 2:
         raise ValueError(f"{meta['filename_or_obj']}: a {fmt.upper()} label must be 2D, got {label.shape}")
-    path = output_path(meta, output_dir, postfix)
+    path = path or output_path(meta, output_dir, postfix)
     return atomic_write(path, lambda tmp: writer(label, meta, tmp))
