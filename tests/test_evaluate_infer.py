@@ -109,3 +109,11 @@ def test_crafted_pickle_as_model_is_refused(synthetic, tmp_path):
     done = _infer(synthetic / "microscopy", tmp_path, tmp_path / "out")
     assert done.returncode != 0 and "cannot be read as a weights-only PyTorch file" in done.stderr
     assert not (Path("PWNED").exists() or (tmp_path / "PWNED").exists())
+
+
+def test_native_scale_inference(synthetic, trained, tmp_path):
+    done = _infer(synthetic / "microscopy", trained, tmp_path, "--scale", "native")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for written in tmp_path.glob("*_seg.tif"):
+        image, _ = read_image(synthetic / "microscopy" / "imagesTr" / written.name.replace("_seg", ""))
+        assert read_image(written)[0].shape == (1, *image.shape[1:])

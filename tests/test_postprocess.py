@@ -92,3 +92,31 @@ def test_slice_batch_inferer_equals_one_slice_at_a_time():
             assert torch.allclose(batched[b, :, k], network(volume[b : b + 1, :, k])[0])
     image = torch.randn(2, 3, 16, 16)
     assert torch.equal(SliceBatchInferer()(image, network), network(image))
+
+
+def test_native_scale_sliding_window_covers_large_images_in_network_sized_tiles():
+    from scripts.inferers import make_inferer
+
+    sizes = []
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(tuple(x.shape[-2:]))
+        return x[:, :1] * 2  # one class, a pixel-wise function: tiles must blend back exactly
+
+    image = torch.rand(1, 3, 600, 410)
+    out = make_inferer("native", image_size=256, batch_size=4)(image, network)
+    assert out.shape == (1, 1, 600, 410) and set(sizes) == {(256, 256)}
+    assert torch.allclose(out, image[:, :1] * 2, atol=1e-5)
+    volume = torch.rand(1, 3, 3, 300, 280)
+    assert make_inferer("native", image_size=256)(volume, network).shape == (1, 1, 3, 300, 280)
+    assert make_inferer("resize", image_size=256)(torch.rand(2, 3, 256, 256), network).shape == (2, 1, 256, 256)
+
+
+def test_native_scale_input_keeps_the_image_size():
+    from monai.data import MetaTensor
+
+    image = MetaTensor(torch.rand(3, 600, 410) * 255)
+    out = SamInputd("image", image_size=256, resize=False)({"image": image})["image"]
+    assert out.shape == (3, 600, 410) and out.meta["sam_resized"] == (600, 410)
+    small = SamInputd("image", image_size=256, resize=False)({"image": MetaTensor(torch.rand(3, 100, 300))})["image"]
+    assert small.shape == (3, 256, 300)  # padded to at least one network-sized tile

@@ -115,3 +115,15 @@ def test_learning_is_real(generalist, tmp_path):
     trained = parser.get_parsed_content("validate#best_saver").best
     print(f"validation Dice: untrained prompts {untrained:.3f}, trained {trained:.3f}")
     assert trained - untrained >= 0.3
+
+
+def test_training_on_volumes_and_determinism(synthetic, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        args = _train_args(synthetic / "ct", out, "--epochs", "2", "--intensity", "window", "--slices_per_volume", "2")
+        done = monai_bundle("run", "training", *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(torch.load(out / "models" / "training_state.pt", weights_only=True)["network"])
+    # same seed, same data: the same prompts, bit for bit
+    assert torch.equal(runs[0]["md_prompts.tokens"], runs[1]["md_prompts.tokens"])

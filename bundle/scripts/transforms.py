@@ -292,6 +292,8 @@ class SamInputd(MapTransform):
     per class, (num_classes, S, S) or (num_classes, n, S, S): resizing the class masks rather
     than the class numbers keeps sub-pixel boundaries, so a label sent here and back through
     ``InvertSamInputd`` is nearly unchanged even where the image is shrunk.
+    With ``resize=False`` (native scale, for sliding-window inference over images much larger
+    than S) the image keeps its size and is only normalised and padded to at least S x S.
     The geometry is recorded in the metadata for ``InvertSamInputd``.
     """
 
@@ -302,6 +304,7 @@ class SamInputd(MapTransform):
         image_keys: KeysCollection = ("image",),
         num_classes: int = 1,
         slice_axis: int | None = None,
+        resize: bool = True,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -309,6 +312,7 @@ class SamInputd(MapTransform):
         self.image_keys = {image_keys} if isinstance(image_keys, str) else set(image_keys)
         self.num_classes = int(num_classes)
         self.slice_axis = slice_axis
+        self.resize = resize
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -321,7 +325,7 @@ class SamInputd(MapTransform):
                 x = x.movedim(1 + axis, 1)  # C, n, H, W
             stack = torch.as_tensor(x).reshape(x.shape[0], -1, *x.shape[-2:]).transpose(0, 1)  # n, C, H, W
             H, W = stack.shape[-2:]
-            scale = self.size / max(H, W)
+            scale = self.size / max(H, W) if self.resize else 1.0
             resized = (int(H * scale + 0.5), int(W * scale + 0.5))  # as SAM's ResizeLongestSide
             if key not in self.image_keys:  # class numbers -> one mask per class
                 stack = class_masks(stack.transpose(0, 1), self.num_classes).transpose(0, 1)
@@ -329,7 +333,8 @@ class SamInputd(MapTransform):
             if key in self.image_keys:
                 mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
                 stack = (stack - mean) / torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
-            stack = F.pad(stack, (0, self.size - resized[1], 0, self.size - resized[0]))
+            padded = (max(self.size, resized[0]), max(self.size, resized[1]))  # native scale: at least one tile
+            stack = F.pad(stack, (0, padded[1] - resized[1], 0, padded[0] - resized[0]))
             out = stack.transpose(0, 1)
             out = out if axis >= 0 else out[:, 0]
             meta.update(sam_slice_axis=axis, sam_in_plane=(H, W), sam_resized=resized, sam_size=self.size)

@@ -24,16 +24,17 @@ from .checkpoints import unwrap
 logger = logging.getLogger(__name__)
 
 
-def use_cache(cache_embeddings: bool | None, n_ie_prompts: int, augment: bool = False) -> bool:
+def use_cache(cache_embeddings: bool | None, n_ie_prompts: int, augment: bool = False, scale: str = "resize") -> bool:
     """Whether to cache: on by default without image-encoder prompts; never with them, nor with
-    augmentation that changes the image every epoch (a note says why)."""
+    augmentation or random native-scale crops that change the image every epoch (a note says why)."""
     if cache_embeddings is None:
         cache_embeddings = n_ie_prompts == 0
     if cache_embeddings and n_ie_prompts > 0:
         logger.warning("embedding cache off: image-encoder prompts change the encoder's output as they learn")
         return False
-    if cache_embeddings and augment:
-        logger.warning("embedding cache off: augmentation changes the image every epoch")
+    if cache_embeddings and (augment or scale == "native"):
+        why = "augmentation changes" if augment else "native-scale training takes random crops of"
+        logger.warning("embedding cache off: %s the image every epoch", why)
         return False
     return bool(cache_embeddings)
 
