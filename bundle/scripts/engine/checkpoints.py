@@ -18,6 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..checkpoint import atomic_torch_save, load_prompts, save_prompts
+from .distributed import rank
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class BestPromptSaver:
         value = float(self.evaluator.state.metrics[self.metric_name])
         if value > self.best:
             self.best, self.best_epoch = value, int(trainer.state.epoch)
-            save_prompts(unwrap(self.network), self.model_path)
-            logger.info("new best %s %.4f: prompts saved to %s", self.metric_name, value, self.model_path)
+            if rank() == 0:
+                save_prompts(unwrap(self.network), self.model_path)
+                logger.info("new best %s %.4f: prompts saved to %s", self.metric_name, value, self.model_path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -78,6 +80,8 @@ class TrainingState:
         return unwrap(obj).state_dict() if isinstance(obj, torch.nn.Module) else obj.state_dict()
 
     def save(self, trainer: Engine) -> None:
+        if rank() != 0:
+            return
         state = {name: self._state_of(name, obj) for name, obj in self.objects.items()}
         state["trainer"] = trainer.state_dict()
         state["epoch"] = trainer.state.epoch  # for people and tests; ignite resumes from "trainer"
