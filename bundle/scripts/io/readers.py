@@ -306,31 +306,29 @@ def _probe_pil(path: Path, fmt: str) -> tuple[tuple[int, ...], int]:
 # Dispatch
 
 
+def _locate(path: str | Path) -> tuple[str, Any]:
+    """(format, what its reader takes): the file, or for DICOM the path as given."""
+    fmt = detect_format(path)
+    if fmt == "dicom":
+        return fmt, path
+    file = split_series(path)[0]
+    if not file.is_file():
+        raise _fail(path, "no such file")
+    if file.stat().st_size == 0:
+        raise _fail(path, "empty file")
+    return fmt, file
+
+
 def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
     """Read ``path`` (a file, a DICOM folder or ``folder::SeriesInstanceUID``); see the module doc."""
-    fmt = detect_format(path)
-    folder, _ = split_series(path)
-    if fmt != "dicom" and not folder.is_file():
-        raise _fail(path, "no such file")
-    if fmt != "dicom" and folder.stat().st_size == 0:
-        raise _fail(path, "empty file")
-    if fmt == "nifti":
-        return _read_nifti(folder)
-    if fmt == "dicom":
-        return _read_dicom(path)
-    if fmt == "tiff":
-        return _read_tiff(folder)
-    return _read_pil(folder, fmt)
+    fmt, source = _locate(path)
+    readers = {"nifti": _read_nifti, "dicom": _read_dicom, "tiff": _read_tiff}
+    return readers[fmt](source) if fmt in readers else _read_pil(source, fmt)
 
 
 def probe_image(path: str | Path) -> dict:
     """Spatial shape and channel count from the file's header, without reading pixels."""
-    fmt = detect_format(path)
-    folder, _ = split_series(path)
-    if fmt != "dicom" and not folder.is_file():
-        raise _fail(path, "no such file")
-    if fmt != "dicom" and folder.stat().st_size == 0:
-        raise _fail(path, "empty file")
-    probe = {"nifti": _probe_nifti, "dicom": _probe_dicom, "tiff": _probe_tiff}.get(fmt)
-    shape, channels = probe(path if fmt == "dicom" else folder) if probe else _probe_pil(folder, fmt)
+    fmt, source = _locate(path)
+    probes = {"nifti": _probe_nifti, "dicom": _probe_dicom, "tiff": _probe_tiff}
+    shape, channels = probes[fmt](source) if fmt in probes else _probe_pil(source, fmt)
     return {"format": fmt, "spatial_shape": tuple(int(s) for s in shape), "channels": int(channels)}
