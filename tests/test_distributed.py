@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from mlflow.tracking import MlflowClient
 
 from conftest import BUNDLE
 
@@ -27,3 +28,7 @@ def test_two_processes_keep_identical_prompts_and_write_one_model(synthetic, tmp
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "training_state.pt"]
     assert done.stderr.count("scripts.engine.handlers epoch 3/3") == 1  # the summary comes from rank 0 only
     assert done.stderr.count("prompts saved to") >= 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])
+    assert len(runs) == 1  # tracked by rank 0 only
+    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 3

@@ -11,6 +11,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from .flags import flag
 from .io import write_label
 from .io.writers import output_path
 from .transforms import meta_int, meta_of
@@ -73,7 +74,7 @@ class InstanceLabelsd(MapTransform):
         **kw,
     ):
         super().__init__(keys, kw.pop("allow_missing_keys", False))
-        self.enabled, self.split_touching, self.min_depth = enabled, split_touching, min_depth
+        self.enabled, self.split_touching, self.min_depth = flag(enabled), flag(split_touching), min_depth
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)

@@ -22,6 +22,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
+from .flags import flag
 from .io import read_image
 from .sam import PIXEL_MEAN, PIXEL_STD
 
@@ -312,7 +313,7 @@ class SamInputd(MapTransform):
         self.image_keys = {image_keys} if isinstance(image_keys, str) else set(image_keys)
         self.num_classes = int(num_classes)
         self.slice_axis = slice_axis
-        self.resize = resize
+        self.resize = flag(resize)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)

@@ -19,6 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from ..checkpoint import atomic_torch_save
+from ..flags import flag, optional_flag
 from .checkpoints import unwrap
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 def use_cache(cache_embeddings: bool | None, n_ie_prompts: int, augment: bool = False, scale: str = "resize") -> bool:
     """Whether to cache: on by default without image-encoder prompts; never with them, nor with
     augmentation or random native-scale crops that change the image every epoch (a note says why)."""
+    cache_embeddings, augment = optional_flag(cache_embeddings), flag(augment)
     if cache_embeddings is None:
         cache_embeddings = n_ie_prompts == 0
     if cache_embeddings and n_ie_prompts > 0:
@@ -56,7 +58,7 @@ class EncodeImaged(MapTransform):
     ):
         super().__init__(keys, allow_missing_keys)
         self.network = unwrap(network)
-        self.enabled = enabled
+        self.enabled = flag(enabled)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.device = device
         self.batch_size = batch_size

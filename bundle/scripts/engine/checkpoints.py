@@ -18,6 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..checkpoint import atomic_torch_save, load_prompts, save_prompts
+from ..flags import flag
 from .distributed import rank
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class BestPromptSaver:
 
 class TrainingState:
     def __init__(self, path: str | Path, objects: dict[str, Any], resume: bool = True):
-        self.path, self.objects, self.resume = Path(path), objects, resume
+        self.path, self.objects, self.resume = Path(path), objects, flag(resume)
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.STARTED, self.load)

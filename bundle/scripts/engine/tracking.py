@@ -1,0 +1,271 @@
+"""MLflow tracking: every training and evaluation invocation is its own MLflow run.
+
+By default runs go to a local SQLite store, ``<output_dir>/mlruns.db``, with artifacts in
+``<output_dir>/mlartifacts``; ``tracking_uri`` (or ``MLFLOW_TRACKING_URI``) points at a
+server instead, which is checked before any long work starts. ``tracking: false`` turns it
+off. Only rank 0 of a distributed run talks to MLflow.
+
+``TrainTracking`` (a trainer handler) logs the parameters, ``train_loss`` and ``lr`` every
+iteration, the validation metrics every validated epoch, and at the end the resolved
+configuration, the command line and ``model.pt``. ``EvalTracking`` (an evaluator handler)
+logs the evaluation metrics, ``metrics.csv`` and the overlays. When MONAI's own
+``--tracking mlflow`` adds its ``MLFlowHandler`` as well, ``one_tracker`` drops it, so
+nothing is logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ignite.engine import Engine, Events
+
+from ..flags import flag
+from .checkpoints import validated_now
+from .distributed import rank
+
+logger = logging.getLogger(__name__)
+
+BUNDLE = Path(__file__).resolve().parents[2]
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or written."""
+
+
+def bundle_version() -> str:
+    try:
+        return json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def resolve_uri(tracking_uri: str | None, output_dir: str | Path) -> str:
+    """``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite store in ``output_dir``."""
+    from monai.utils import path_to_sqlite_uri
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return str(uri)
+    return path_to_sqlite_uri(Path(output_dir).resolve() / "mlruns.db")
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail within ``timeout`` seconds, with a clear message, if an HTTP tracking server is down."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); start it, point "
+            "`tracking_uri` elsewhere, or switch tracking off with `--tracking_enabled false`"
+        ) from err
+    if response.status_code >= 400:
+        raise TrackingError(f"MLflow tracking server {uri} answered {response.status_code} to /health")
+
+
+def _command_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """The config files and ``--key value`` overrides of a ``monai.bundle run`` command line."""
+    from fire.parser import DefaultParseValue
+
+    files: list[str] = []
+    overrides: dict[str, Any] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        if args[i].startswith("--") and i + 1 < len(args):
+            key, value = args[i][2:], DefaultParseValue(args[i + 1])
+            if key == "config_file":
+                files = [value] if isinstance(value, str) else list(value)
+            elif key not in ("meta_file", "logging_file", "tracking", "args_file", "init_id", "final_id"):
+                overrides[key] = value
+            i += 2
+        else:
+            i += 1
+    return files, overrides
+
+
+def resolved_config(argv: Sequence[str], cwd: str | Path = ".") -> dict[str, Any] | None:
+    """The merged configuration with the command line's overrides, as MONAI would run it."""
+    from monai.bundle import ConfigParser
+
+    files, overrides = _command_overrides(argv)
+    if not files:
+        return None
+    parser = ConfigParser()
+    parser.read_config([str(Path(cwd) / f) for f in files])
+    parser.update(overrides)
+    return parser.get()
+
+
+class TrackingRun:
+    """One MLflow run, created when first needed and shared by the handlers of one invocation."""
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        tracking_uri: str | None = None,
+        output_dir: str | Path = ".",
+        experiment_name: str = "ptsam",
+        run_name: str | None = None,
+        kind: str = "train",
+        params: Mapping[str, Any] | None = None,
+        check_timeout: float = 5.0,
+    ):
+        self.enabled = flag(enabled) and rank() == 0
+        self.output_dir = Path(output_dir)
+        self.uri = resolve_uri(tracking_uri, output_dir)
+        self.experiment_name, self.kind = experiment_name, kind
+        self.run_name = run_name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.params = dict(params or {})
+        self.run_id: str | None = None
+        self.client: Any = None
+        if self.enabled:
+            check_reachable(self.uri, check_timeout)
+
+    def start(self) -> None:
+        """Create a new run (never reuse an earlier one, whatever its name)."""
+        if not self.enabled or self.run_id is not None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.uri)
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            local = urlparse(self.uri).scheme not in ("http", "https")
+            location = (self.output_dir.resolve() / "mlartifacts").as_uri() if local else None
+            experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {"bundle_version": bundle_version(), "kind": self.kind, "command": " ".join(sys.argv)}
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        for key, value in self.params.items():
+            self.client.log_param(self.run_id, key, value)
+        logger.info("MLflow run %s (%s) in %s", self.run_name, self.run_id, self.uri)
+
+    def log_param(self, key: str, value: Any) -> None:
+        if self.run_id:
+            self.client.log_param(self.run_id, key, value)
+
+    def log_metric(self, key: str, value: float, step: int) -> None:
+        if self.run_id:
+            self.client.log_metric(self.run_id, key, float(value), step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if not self.run_id or not path.exists():
+            return
+        if path.is_dir():  # kept as a folder of its own name
+            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self.run_id:
+            self.client.log_text(self.run_id, text, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id:
+            self.client.set_terminated(self.run_id, status)
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+class TrainTracking:
+    """Attached to the trainer after its ``ValidationHandler``."""
+
+    def __init__(
+        self,
+        run: TrackingRun,
+        evaluator: Engine | None = None,
+        optimizer: Any = None,
+        artifacts: Sequence[str | Path] = (),
+        n_training_images: int | None = None,
+    ):
+        self.run, self.evaluator, self.optimizer = run, evaluator, optimizer
+        self.artifacts, self.n_training_images = list(artifacts), n_training_images
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self._start)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+        trainer.add_event_handler(Events.COMPLETED, self._complete)
+
+    def _start(self, trainer: Engine) -> None:
+        self.run.start()
+        if self.n_training_images is not None:
+            self.run.log_param("n_training_images", self.n_training_images)
+
+    def _iteration(self, trainer: Engine) -> None:
+        output = trainer.state.output
+        item = output[0] if isinstance(output, list) else output
+        step = trainer.state.iteration
+        if isinstance(item, Mapping) and "loss" in item:
+            self.run.log_metric("train_loss", float(item["loss"]), step)
+        if self.optimizer is not None:
+            self.run.log_metric("lr", self.optimizer.param_groups[0]["lr"], step)
+
+    def _epoch(self, trainer: Engine) -> None:
+        if self.evaluator is not None and validated_now(trainer, self.evaluator):
+            for key, value in _numbers(self.evaluator.state.metrics).items():
+                self.run.log_metric(key, value, trainer.state.epoch)
+
+    def _complete(self, trainer: Engine) -> None:
+        config = resolved_config(sys.argv, Path.cwd())
+        if config is not None:
+            self.run.log_text(json.dumps(config, indent=2, default=str), "config/resolved_config.json")
+        self.run.log_text(" ".join(sys.argv), "config/command.txt")
+        for path in self.artifacts:
+            self.run.log_artifact(path)
+        self.run.finish()
+
+
+class EvalTracking:
+    """Attached to an evaluator: its metrics, ``metrics.csv`` and overlays, one run per evaluation."""
+
+    def __init__(self, run: TrackingRun, artifacts: Sequence[str | Path] = ()):
+        self.run, self.artifacts = run, list(artifacts)
+
+    def attach(self, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.STARTED, lambda e: self.run.start())
+        evaluator.add_event_handler(Events.COMPLETED, self._complete)
+
+    def _complete(self, evaluator: Engine) -> None:
+        for key, value in _numbers(evaluator.state.metrics).items():
+            self.run.log_metric(key, value, 0)
+        self.run.log_text(" ".join(sys.argv), "config/command.txt")
+        for path in self.artifacts:
+            self.run.log_artifact(path)
+        self.run.finish()
+
+
+def one_tracker(handlers: Sequence[Any], own_tracking: bool) -> list[Any]:
+    """Drop MONAI's ``MLFlowHandler`` (added by ``--tracking mlflow``) while this bundle's own
+    tracking is on, so a run is never logged twice; with it off, MONAI's tracking works alone."""
+    from monai.handlers import MLFlowHandler
+
+    if not flag(own_tracking):
+        return list(handlers)
+    kept = [h for h in handlers if not isinstance(h, MLFlowHandler)]
+    if len(kept) < len(handlers):
+        logger.info("--tracking mlflow: the bundle's own MLflow tracking records this run already")
+    return kept
