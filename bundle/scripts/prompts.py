@@ -48,3 +48,8 @@ class ImageEncoderPrompts(PromptTokens):
 
     def __init__(self, depth: int, n: int, dim: int):
         super().__init__(depth, n, dim, init_std=math.sqrt(6.0 / (3 * 16 * 16 + dim)) / math.sqrt(3.0))
+
+
+def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
+    """What an optimiser should update: the prompt tokens (works through DistributedDataParallel)."""
+    return [p for p in network.parameters() if p.requires_grad]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import DiceMetric
 
@@ -33,8 +32,3 @@ def class_dice(class_names: Sequence[str]) -> dict[str, IgniteMetricHandler]:
     if len(class_names) < 2:
         return {}
     return {f"val_dice_{name}": dice(c) for c, name in enumerate(class_names)}
-
-
-def trainable(network: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters an optimiser should update: the prompts."""
-    return [p for p in network.parameters() if p.requires_grad]
