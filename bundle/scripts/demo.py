@@ -77,6 +77,9 @@ def main(data_dir: str = str(BUNDLE.parent / "data" / "synthetic"), epochs: int 
     print(f"\nprompts (model.pt):  {BUNDLE / 'models' / 'model.pt'}")
     print(f"metrics:             {BUNDLE / 'eval' / 'metrics.csv'}")
     print(f"overlays:            {BUNDLE / 'eval' / 'overlays'}")
+    store = BUNDLE / "eval" / "mlruns.db"
+    print(f"MLflow runs:         {store}")
+    print(f"  browse them with:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{store}")
     if not real:
         print(
             "\nWhat these numbers show: prompt tuning works end to end; 2,048 learned parameters turn a frozen\n"
