@@ -175,3 +175,36 @@ def test_invalid_counts_are_refused():
         quiet(PTSAM, "tiny", n_md_prompts=-1)
     with pytest.raises(ValueError, match="unknown sam_variant 'vit_x'"):
         PTSAM("vit_x")
+
+
+def test_fused_attention_equals_stock_sam_blocks_at_vit_b_size():
+    """The fused encoder path against segment-anything's own blocks: a windowed block (64 x 64
+    tokens padded to 70 x 70 for 14 x 14 windows) and a global one, at ViT-B width."""
+    net = quiet(PTSAM, "vit_b", n_md_prompts=0)
+    blocks = net.backbone.image_encoder.blocks
+    x = torch.randn(1, 64, 64, 768) * 0.5
+    with torch.no_grad():
+        for index in (0, 2):  # windowed, global
+            stock = blocks[index](x)
+            fused = prompted_block(blocks[index], x, torch.zeros(0, 768))
+            assert (fused - stock).abs().max() <= 1e-4
+
+
+def test_fused_and_reference_encoder_paths_agree_end_to_end():
+    fused = quiet(PTSAM, "tiny", n_md_prompts=4).eval()
+    reference = quiet(PTSAM, "tiny", n_md_prompts=4, fused_attention=False).eval()
+    reference.load_state_dict(fused.state_dict())
+    image = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        assert (fused(image) - reference(image)).abs().max() <= 1e-4
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    plain = quiet(PTSAM, "tiny", n_ie_prompts=4)
+    saved = quiet(PTSAM, "tiny", n_ie_prompts=4, activation_checkpointing=True)
+    saved.load_state_dict(plain.state_dict())
+    image = torch.randn(2, 3, 256, 256)
+    for net in (plain, saved):
+        net(image).sigmoid().mean().backward()
+    assert torch.allclose(plain.ie_prompts.tokens.grad, saved.ie_prompts.tokens.grad, atol=1e-6)
+    assert plain.ie_prompts.tokens.grad.abs().sum() > 0

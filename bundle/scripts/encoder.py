@@ -13,19 +13,37 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .sam.modeling import image_encoder as sam_image_encoder
 
 
-def encode_image(encoder: nn.Module, image: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
-    """(B, 3, S, S) -> (B, 256, S/16, S/16). ``prompts``: (depth, n, dim), or None for stock SAM."""
-    if prompts is None or prompts.shape[1] == 0:
+def encode_image(
+    encoder: nn.Module,
+    image: torch.Tensor,
+    prompts: torch.Tensor | None,
+    fused: bool = True,
+    checkpointing: bool = False,
+) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, 256, S/16, S/16). ``prompts``: (depth, n, dim), or None.
+
+    ``fused``: attention by ``scaled_dot_product_attention`` with the relative-position bias as
+    its mask (faster, equal to SAM's within float rounding); ``False`` without prompts runs
+    segment-anything's own encoder unchanged (the reference). ``checkpointing``: when gradients
+    flow (image-encoder prompts in training), keep only each block's input and recompute the
+    rest in the backward pass: much less memory for some more time.
+    """
+    if not fused and (prompts is None or prompts.shape[1] == 0):
         return encoder(image)
     x = encoder.patch_embed(image)  # B, h, w, dim
     if encoder.pos_embed is not None:
         x = x + encoder.pos_embed
-    for block, block_prompts in zip(encoder.blocks, prompts, strict=True):
-        x = prompted_block(block, x, block_prompts)
+    for i, block in enumerate(encoder.blocks):
+        block_prompts = prompts[i] if prompts is not None else x.new_zeros(0, x.shape[-1])
+        if checkpointing and torch.is_grad_enabled():
+            x = checkpoint(prompted_block, block, x, block_prompts, use_reentrant=False)
+        else:
+            x = prompted_block(block, x, block_prompts)
     return encoder.neck(x.permute(0, 3, 1, 2))
 
 
@@ -33,7 +51,7 @@ def prompted_block(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> 
     """SAM's ``Block.forward`` with ``prompts`` (n, dim) as extra keys and values."""
     shortcut = x
     x = block.norm1(x)
-    prompts = block.norm1(prompts)
+    prompts = block.norm1(prompts) if prompts.shape[0] else prompts
     if block.window_size > 0:
         H, W = x.shape[1], x.shape[2]
         x, pad_hw = sam_image_encoder.window_partition(x, block.window_size)
@@ -51,14 +69,14 @@ def prompted_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor) 
     head_dim = dim // heads
     qkv = attn.qkv(x.reshape(B, L, dim)).reshape(B, L, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # B, heads, L, head_dim
-    # The prompts' keys and values are computed once and shared by every window.
-    kv_p = attn.qkv(prompts)[:, dim:].reshape(n, 2, heads, head_dim).permute(1, 2, 0, 3)
-    k = torch.cat([kv_p[0].expand(B, -1, -1, -1), k], dim=2)  # B, heads, n + L, head_dim
-    v = torch.cat([kv_p[1].expand(B, -1, -1, -1), v], dim=2)
+    if n:  # the prompts' keys and values are computed once and shared by every window
+        kv_p = attn.qkv(prompts)[:, dim:].reshape(n, 2, heads, head_dim).permute(1, 2, 0, 3)
+        k = torch.cat([kv_p[0].expand(B, -1, -1, -1), k], dim=2)  # B, heads, n + L, head_dim
+        v = torch.cat([kv_p[1].expand(B, -1, -1, -1), v], dim=2)
     bias = None
     if attn.use_rel_pos:
         rel = rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (H, W))  # B, heads, L, L
-        bias = F.pad(rel, (n, 0))  # no positional bias towards the prompts
+        bias = F.pad(rel, (n, 0)) if n else rel  # no positional bias towards the prompts
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
     return attn.proj(out.transpose(1, 2).reshape(B, H, W, dim))
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .decoder import decode_masks
 from .encoder import encode_image
+from .flags import flag
 from .prompts import ImageEncoderPrompts, MaskDecoderPrompts
 from .sam import PROMPT_EMBED_DIM, SamBackbone
 
@@ -22,6 +23,9 @@ class PTSAM(nn.Module):
     Trained: ``num_classes`` x ``n_md_prompts`` mask-decoder tokens of width 256, and
     optionally ``n_ie_prompts`` image-encoder tokens per ViT block. Everything of SAM is
     frozen. With no prompts at all it computes what SAM computes without clicks or boxes.
+
+    ``fused_attention`` (default) runs the encoder's attention as one fused kernel;
+    ``activation_checkpointing`` trades time for memory when image-encoder prompts train.
     """
 
     def __init__(
@@ -32,6 +36,8 @@ class PTSAM(nn.Module):
         n_ie_prompts: int = 0,
         num_classes: int = 1,
         backbone_seed: int = 0,
+        fused_attention: bool = True,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if num_classes < 1:
@@ -41,6 +47,8 @@ class PTSAM(nn.Module):
                 f"prompt counts must be >= 0, got n_md_prompts={n_md_prompts}, n_ie_prompts={n_ie_prompts}"
             )
         self.num_classes = num_classes
+        self.fused_attention = fused_attention
+        self.activation_checkpointing = flag(activation_checkpointing)
         self.backbone = SamBackbone(sam_variant, sam_checkpoint, seed=backbone_seed)
         variant = self.backbone.variant
         self.img_size = variant.img_size
@@ -54,7 +62,13 @@ class PTSAM(nn.Module):
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> image embeddings (B, 256, S/16, S/16)."""
         self._check_input(image)
-        return encode_image(self.backbone.image_encoder, image, self.ie_prompts.tokens)
+        return encode_image(
+            self.backbone.image_encoder,
+            image,
+            self.ie_prompts.tokens,
+            self.fused_attention,
+            self.activation_checkpointing,
+        )
 
     def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Image embeddings -> low-resolution logits (B, num_classes, S/4, S/4)."""
