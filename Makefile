@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # so that pip never pulls a multi-GB CUDA build onto a CPU machine.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.8' || echo 'torch==2.13.0')
 
-.PHONY: setup test test-fast lint demo clean
+.PHONY: setup test test-fast lint demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,19 +17,23 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m ruff check bundle tests
-	$(PY) -m ruff format --check bundle tests
+	$(PY) -m ruff check bundle tests benchmarks
+	$(PY) -m ruff format --check bundle tests benchmarks
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
-	$(PY) -m ruff check bundle tests
-	$(PY) -m ruff format --check bundle tests
+	$(PY) -m ruff check bundle tests benchmarks
+	$(PY) -m ruff format --check bundle tests benchmarks
 
 demo: setup
 	cd bundle && ../$(PY) -m scripts.demo
+
+# Ratios of the fast paths against their baselines, side by side; BENCH_QUICK=1 for a short run.
+bench: setup
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,232 @@
+"""`make bench`: speed and memory ratios of PTSAM's fast paths against their baselines, each pair
+measured side by side in one run (interleaved repeats, medians), printed as a table and written
+to bench.json with the machine they ran on.
+
+BENCH_QUICK=1 uses the `tiny` variant (256 px) and fewer repeats: the same comparisons in a few
+minutes on 2 cores. The full run uses ViT-B at 1024 px, the one to record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bundle"))
+warnings.simplefilter("ignore", UserWarning)
+
+from scripts.encoder import encode_image  # noqa: E402
+from scripts.inferers import SliceBatchInferer  # noqa: E402
+from scripts.network import PTSAM  # noqa: E402
+
+QUICK = os.environ.get("BENCH_QUICK", "0") not in ("0", "", "false")
+VARIANT = "tiny" if QUICK else "vit_b"
+REPEATS = 3 if QUICK else 2
+N_IMAGES = 4
+N_SLICES = 8 if QUICK else 4
+
+
+def _median_times(fns: dict[str, callable], repeats: int = REPEATS) -> dict[str, float]:
+    """Run the functions in turn, ``repeats`` rounds, after one warm-up round; median seconds each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine() -> dict[str, str]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    info["cpu"] = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info["cores"] = str(os.cpu_count())
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def bench_encoder(net: PTSAM, image: torch.Tensor) -> dict[str, float]:
+    encoder = net.backbone.image_encoder
+    with torch.no_grad():
+        fused = encode_image(encoder, image, None, fused=True)
+        stock = encoder(image)
+        t = _median_times({"stock": lambda: encoder(image), "fused": lambda: encode_image(encoder, image, None)})
+    return {"encoder_time_ratio": t["fused"] / t["stock"], "encoder_max_abs_diff": float((fused - stock).abs().max())}
+
+
+def bench_cache(net: PTSAM, images: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """An MD-only training epoch after the first: cached embeddings vs the encoder every step."""
+    optimiser = torch.optim.AdamW([net.md_prompts.tokens], lr=1e-3)
+    with torch.no_grad():
+        cached = net.encode(images)
+
+    def step(embeddings: torch.Tensor, y: torch.Tensor) -> None:
+        loss = F.binary_cross_entropy_with_logits(net(embeddings), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    def epoch_cached() -> None:
+        for i in range(len(images)):
+            step(cached[i : i + 1], target[i : i + 1])
+
+    def epoch_recompute() -> None:
+        for i in range(len(images)):
+            with torch.no_grad():
+                embedding = net.encode(images[i : i + 1])
+            step(embedding, target[i : i + 1])
+
+    t = _median_times({"recompute": epoch_recompute, "cached": epoch_cached})
+    return {"cache_epoch_speedup": t["recompute"] / t["cached"]}
+
+
+_STEP = """
+import sys, resource, warnings, torch
+warnings.simplefilter("ignore")
+sys.path.insert(0, {bundle!r})
+from scripts.network import PTSAM
+net = PTSAM({variant!r}, n_md_prompts=8, n_ie_prompts=8, activation_checkpointing={ckpt})
+image = torch.randn(1, 3, net.img_size, net.img_size)
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+import time
+start = time.perf_counter()
+for _ in range({repeats}):
+    net(image).sigmoid().mean().backward()
+elapsed = (time.perf_counter() - start) / {repeats}
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(peak - before, elapsed)
+"""
+
+
+def _ie_step(ckpt: bool) -> tuple[float, float]:
+    """(peak memory growth in bytes, seconds) of an MD+IE training step, in a fresh process."""
+    if torch.cuda.is_available():
+        net = PTSAM(VARIANT, n_md_prompts=8, n_ie_prompts=8, activation_checkpointing=ckpt).cuda()
+        image = torch.randn(1, 3, net.img_size, net.img_size, device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        net(image).sigmoid().mean().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, time.perf_counter() - start
+    code = _STEP.format(bundle=str(ROOT / "bundle"), variant=VARIANT, ckpt=ckpt, repeats=REPEATS)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
+def bench_checkpointing() -> dict[str, float]:
+    plain_mem, plain_time = _ie_step(False)
+    ckpt_mem, ckpt_time = _ie_step(True)
+    return {
+        "ie_checkpoint_memory_ratio": ckpt_mem / plain_mem,
+        "ie_checkpoint_time_ratio": ckpt_time / plain_time,
+        "ie_step_peak_memory_mb_plain": plain_mem / 2**20,
+        "ie_step_peak_memory_mb_checkpointed": ckpt_mem / 2**20,
+    }
+
+
+def bench_inference(net: PTSAM, workdir: Path) -> dict[str, float]:
+    """Full 2D inference of one file (read, preprocess, network, invert, postprocess, write)
+    against the encoder forward alone."""
+    import tifffile
+    from monai.transforms import Compose
+
+    from scripts.postprocess import LogitsToLabeld, WriteLabeld
+    from scripts.transforms import InvertSamInputd, LoadImageAnyd, SamChannelsd, SamInputd, SamIntensityd
+
+    size = net.img_size
+    path = workdir / "field.tif"
+    tifffile.imwrite(path, (np.random.default_rng(0).random((size * 3 // 4, size)) * 4000).astype(np.uint16))
+    pre = Compose([LoadImageAnyd("image"), SamIntensityd("image"), SamChannelsd("image"), SamInputd("image", size)])
+    post = Compose([InvertSamInputd("pred"), LogitsToLabeld("pred"), WriteLabeld("pred", output_dir=str(workdir))])
+
+    def full() -> None:
+        with torch.no_grad():
+            d = pre({"image": str(path)})
+            d["pred"] = net(d["image"].as_tensor()[None])[0]
+            post(d)
+
+    image = torch.randn(1, 3, size, size)
+
+    def encoder_only() -> None:
+        with torch.no_grad():
+            net.encode(image)
+
+    t = _median_times({"encoder": encoder_only, "full": full})
+    return {"infer_overhead_ratio": t["full"] / t["encoder"]}
+
+
+def bench_volume(net: PTSAM) -> dict[str, float]:
+    stack = torch.randn(1, 3, N_SLICES, net.img_size, net.img_size)
+    batched, single = SliceBatchInferer(batch_size=N_SLICES), SliceBatchInferer(batch_size=1)
+    with torch.no_grad():
+        t = _median_times({"one_by_one": lambda: single(stack, net), "batched": lambda: batched(stack, net)})
+    return {"volume_batch_speedup": t["one_by_one"] / t["batched"]}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    net = PTSAM(VARIANT, n_md_prompts=8).eval()
+    size = net.img_size
+    images = torch.randn(N_IMAGES, 3, size, size)
+    target = (torch.rand(N_IMAGES, 1, size, size) > 0.5).float()
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run in (
+            ("encoder", lambda: bench_encoder(net, images[:1])),
+            ("cache", lambda: bench_cache(net, images, target)),
+            ("checkpointing", bench_checkpointing),
+            ("inference", lambda: bench_inference(net, Path(tmp))),
+            ("volume", lambda: bench_volume(net)),
+        ):
+            start = time.perf_counter()
+            results.update(run())
+            print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
+    report = {
+        "mode": "quick" if QUICK else "full",
+        "variant": VARIANT,
+        "input_px": size,
+        "machine": machine(),
+        **results,
+    }
+    goals = {
+        "cache_epoch_speedup": ">= 20",
+        "encoder_time_ratio": "<= 0.8",
+        "ie_checkpoint_memory_ratio": "<= 0.4",
+        "ie_checkpoint_time_ratio": "<= 1.5",
+        "infer_overhead_ratio": "<= 1.1",
+        "volume_batch_speedup": "(report)",
+    }
+    print(f"\nPTSAM benchmark ({report['mode']}, {VARIANT} at {size} px) on {report['machine']['cpu']}")
+    print(f"{'measure':<34}{'value':>10}  goal")
+    for key, value in results.items():
+        print(f"{key:<34}{value:>10.4g}  {goals.get(key, '')}")
+    out = ROOT / "bench.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
