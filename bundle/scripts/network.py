@@ -47,7 +47,7 @@ class PTSAM(nn.Module):
                 f"prompt counts must be >= 0, got n_md_prompts={n_md_prompts}, n_ie_prompts={n_ie_prompts}"
             )
         self.num_classes = num_classes
-        self.fused_attention = fused_attention
+        self.fused_attention = flag(fused_attention)
         self.activation_checkpointing = flag(activation_checkpointing)
         self.backbone = SamBackbone(sam_variant, sam_checkpoint, seed=backbone_seed)
         variant = self.backbone.variant
