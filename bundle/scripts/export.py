@@ -1,0 +1,89 @@
+"""Export the whole trained network — SAM's encoder and decoder with the learned prompts baked
+in — for deployment without this bundle.
+
+- TorchScript: MONAI's own command, traced (SAM's modules are not scriptable)::
+
+    python -m monai.bundle ckpt_export network_def --filepath models/model.ts \\
+        --ckpt_file models/model.pt --meta_file configs/metadata.json \\
+        --config_file configs/inference.yaml --use_trace True --input_shape "[1, 3, 1024, 1024]"
+
+- ONNX (dynamic batch), checked against PyTorch with onnxruntime when it is installed::
+
+    python -m scripts.export --filepath models/model.onnx [--sam_checkpoint ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_prompts
+from .engine.checkpoints import unwrap
+
+logger = logging.getLogger(__name__)
+
+
+def build_network(config_file: str = "configs/inference.yaml", **overrides: Any) -> torch.nn.Module:
+    """The configured network with its trained prompts (``model_path``) loaded, on the CPU, in eval mode."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.update({"device": "$torch.device('cpu')", **overrides})
+    network = unwrap(parser.get_parsed_content("network_def"))
+    load_prompts(network, parser.get_parsed_content("model_path"))
+    return network.eval()
+
+
+def export_onnx(network: torch.nn.Module, filepath: str | Path, example_batch: int = 2) -> Path:
+    """Write ``network`` as ONNX with a dynamic batch axis (the example batch is 2: a batch of 1
+    would be specialised to 1)."""
+    filepath = Path(filepath)
+    filepath.parent.mkdir(parents=True, exist_ok=True)
+    size = network.img_size
+    example = torch.randn(example_batch, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            network,
+            (example,),
+            str(filepath),
+            input_names=["image"],
+            output_names=["pred"],
+            dynamo=True,
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=256)}},
+        )
+    return filepath
+
+
+def onnx_difference(network: torch.nn.Module, filepath: str | Path, batch: int = 3) -> float:
+    """Largest absolute difference between onnxruntime's and PyTorch's output on one random batch."""
+    import numpy as np
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(filepath), providers=["CPUExecutionProvider"])
+    image = torch.randn(batch, 3, network.img_size, network.img_size)
+    with torch.no_grad():
+        expected = network(image).numpy()
+    return float(np.abs(session.run(None, {"image": image.numpy()})[0] - expected).max())
+
+
+def main(filepath: str = "models/model.onnx", config_file: str = "configs/inference.yaml", **overrides: Any) -> str:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    network = build_network(config_file, **overrides)
+    path = export_onnx(network, filepath)
+    try:
+        logger.info("onnxruntime vs PyTorch: max |difference| %.2e", onnx_difference(network, path))
+    except ImportError:
+        logger.info("onnxruntime is not installed: the export was not checked")
+    return str(path)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
