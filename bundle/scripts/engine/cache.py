@@ -63,7 +63,6 @@ class EncodeImaged(MapTransform):
         self.device = device
         self.batch_size = batch_size
         self.memory: dict[str, torch.Tensor] = {}
-        self.hits = self.misses = 0
 
     def key_of(self, image: torch.Tensor) -> str:
         digest = hashlib.sha256(self.network.backbone.fingerprint.encode())
@@ -82,20 +81,15 @@ class EncodeImaged(MapTransform):
     def embedding(self, image: torch.Tensor) -> torch.Tensor:
         key = self.key_of(image)
         if key in self.memory:
-            self.hits += 1
             return self.memory[key]
         path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        value = None
         if path is not None and path.is_file():
             try:
                 value = torch.load(path, map_location="cpu", weights_only=True)
-                self.hits += 1
             except Exception as err:  # a damaged cache file is recomputed
                 logger.warning("embedding cache file %s unreadable (%s): recomputing", path, err)
-                value = None
-        else:
-            value = None
         if value is None:
-            self.misses += 1
             value = self._encode(image)
             if path is not None:
                 atomic_torch_save(value, path)
