@@ -208,3 +208,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
         net(image).sigmoid().mean().backward()
     assert torch.allclose(plain.ie_prompts.tokens.grad, saved.ie_prompts.tokens.grad, atol=1e-6)
     assert plain.ie_prompts.tokens.grad.abs().sum() > 0
+
+
+def test_query_chunked_global_attention_equals_the_whole():
+    """Under activation checkpointing, global attention runs in checkpointed query chunks:
+    the same outputs and the same gradients as all queries at once."""
+    from scripts.encoder import prompted_attention
+
+    block = quiet(PTSAM, "tiny").backbone.image_encoder.blocks[1]  # a global block, 16 x 16 tokens
+    x = torch.randn(2, 16, 16, 96)
+    results = []
+    for chunk in (None, 64):
+        prompts = torch.randn(5, 96, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        out = prompted_attention(block.attn, x, prompts, query_chunk=chunk)
+        out.pow(2).mean().backward()
+        results.append((out.detach(), prompts.grad))
+    assert (results[0][0] - results[1][0]).abs().max() <= 1e-5
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6) and results[0][1].abs().sum() > 0

@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .sam.modeling import image_encoder as sam_image_encoder
 
+QUERY_CHUNK = 512  # queries per chunk of a global block's attention under activation checkpointing
+
 
 def encode_image(
     encoder: nn.Module,
@@ -31,7 +33,8 @@ def encode_image(
     its mask (faster, equal to SAM's within float rounding); ``False`` without prompts runs
     segment-anything's own encoder unchanged (the reference). ``checkpointing``: when gradients
     flow (image-encoder prompts in training), keep only each block's input and recompute the
-    rest in the backward pass: much less memory for some more time.
+    rest in the backward pass, global attention in query chunks: much less memory for some
+    more time.
     """
     if not fused and (prompts is None or prompts.shape[1] == 0):
         return encoder(image)
@@ -41,13 +44,15 @@ def encode_image(
     for i, block in enumerate(encoder.blocks):
         block_prompts = prompts[i] if prompts is not None else x.new_zeros(0, x.shape[-1])
         if checkpointing and torch.is_grad_enabled():
-            x = checkpoint(prompted_block, block, x, block_prompts, use_reentrant=False)
+            x = checkpoint(prompted_block, block, x, block_prompts, QUERY_CHUNK, use_reentrant=False)
         else:
             x = prompted_block(block, x, block_prompts)
     return encoder.neck(x.permute(0, 3, 1, 2))
 
 
-def prompted_block(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+def prompted_block(
+    block: nn.Module, x: torch.Tensor, prompts: torch.Tensor, query_chunk: int | None = None
+) -> torch.Tensor:
     """SAM's ``Block.forward`` with ``prompts`` (n, dim) as extra keys and values."""
     shortcut = x
     x = block.norm1(x)
@@ -55,15 +60,22 @@ def prompted_block(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> 
     if block.window_size > 0:
         H, W = x.shape[1], x.shape[2]
         x, pad_hw = sam_image_encoder.window_partition(x, block.window_size)
-    x = prompted_attention(block.attn, x, prompts)
+    x = prompted_attention(block.attn, x, prompts, query_chunk)
     if block.window_size > 0:
         x = sam_image_encoder.window_unpartition(x, block.window_size, pad_hw, (H, W))
     x = shortcut + x
     return x + block.mlp(block.norm2(x))
 
 
-def prompted_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-    """SAM's ``Attention.forward`` on (B, H, W, dim) windows, attending also to ``prompts``."""
+def prompted_attention(
+    attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor, query_chunk: int | None = None
+) -> torch.Tensor:
+    """SAM's ``Attention.forward`` on (B, H, W, dim) windows, attending also to ``prompts``.
+
+    ``query_chunk``: when set and exceeded (global blocks), queries are processed in chunks,
+    each checkpointed, so no full (H*W x H*W) attention matrix ever exists (for training with
+    activation checkpointing); the result is the same.
+    """
     B, H, W, dim = x.shape
     L, n, heads = H * W, prompts.shape[0], attn.num_heads
     head_dim = dim // heads
@@ -73,23 +85,54 @@ def prompted_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor) 
         kv_p = attn.qkv(prompts)[:, dim:].reshape(n, 2, heads, head_dim).permute(1, 2, 0, 3)
         k = torch.cat([kv_p[0].expand(B, -1, -1, -1), k], dim=2)  # B, heads, n + L, head_dim
         v = torch.cat([kv_p[1].expand(B, -1, -1, -1), v], dim=2)
-    bias = None
-    if attn.use_rel_pos:
-        rel = rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (H, W))  # B, heads, L, L
-        bias = F.pad(rel, (n, 0)) if n else rel  # no positional bias towards the prompts
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    if not attn.use_rel_pos:
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    else:
+        rel_h, rel_w = rel_pos_terms(q, attn.rel_pos_h, attn.rel_pos_w, (H, W))  # B, heads, L, H | W
+        if query_chunk is None or L <= query_chunk:
+            out = _biased_attention(q, k, v, rel_h, rel_w, n, attn.scale)
+        else:
+            chunks = [
+                checkpoint(
+                    _biased_attention,
+                    q[:, :, i : i + query_chunk],
+                    k,
+                    v,
+                    rel_h[:, :, i : i + query_chunk],
+                    rel_w[:, :, i : i + query_chunk],
+                    n,
+                    attn.scale,
+                    use_reentrant=False,
+                )  # fmt: skip
+                for i in range(0, L, query_chunk)
+            ]
+            out = torch.cat(chunks, dim=2)
     return attn.proj(out.transpose(1, 2).reshape(B, H, W, dim))
 
 
-def rel_pos_bias(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+def _biased_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, n: int, scale: float
 ) -> torch.Tensor:
-    """SAM's decomposed relative-position bias for queries (B, heads, H*W, c): (B, heads, H*W, H*W)."""
+    """Attention of queries (B, heads, l, c) over [n prompt keys, L image keys] with SAM's
+    relative-position bias among image tokens only."""
+    B, heads, rows = q.shape[:3]
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, heads, rows, -1)  # B, heads, l, L
+    if n:
+        bias = F.pad(bias, (n, 0))  # no positional bias towards the prompts
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def rel_pos_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's decomposed relative-position terms for queries (B, heads, H*W, c): the height term
+    (B, heads, H*W, H) and the width term (B, heads, H*W, W); the bias towards key (y, x) is
+    their sum at y and x."""
     H, W = size
     Rh = sam_image_encoder.get_rel_pos(H, H, rel_pos_h)  # H, H, c
     Rw = sam_image_encoder.get_rel_pos(W, W, rel_pos_w)  # W, W, c
     B, heads, L, c = q.shape
     r_q = q.reshape(B, heads, H, W, c)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, heads, L, L)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh).reshape(B, heads, L, H)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw).reshape(B, heads, L, W)
+    return rel_h, rel_w
