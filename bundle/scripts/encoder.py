@@ -103,7 +103,7 @@ def prompted_attention(
                     n,
                     attn.scale,
                     use_reentrant=False,
-                )  # fmt: skip
+                )
                 for i in range(0, L, query_chunk)
             ]
             out = torch.cat(chunks, dim=2)
