@@ -67,7 +67,7 @@ class EncodeImaged(MapTransform):
     def key_of(self, image: torch.Tensor) -> str:
         digest = hashlib.sha256(self.network.backbone.fingerprint.encode())
         digest.update(str(tuple(image.shape)).encode())
-        digest.update(image.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(image.detach().cpu().contiguous().numpy())  # the buffer itself, no copy
         return digest.hexdigest()[:32]
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:

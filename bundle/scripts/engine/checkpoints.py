@@ -1,7 +1,7 @@
 """The best prompts as ``models/model.pt``, and the whole training state for resuming.
 
-``BestPromptSaver`` (a validation handler) writes the prompt-only checkpoint whenever the key
-validation metric improves. ``TrainingState`` (a training handler, attached last) writes
+``BestPromptSaver`` (a training handler after validation) writes the prompt-only checkpoint
+whenever the key validation metric improves. ``TrainingState`` (a training handler, attached last) writes
 network, optimiser, scheduler, trainer, best-model and early-stopping state after every
 epoch, atomically; when the same command runs again after an interruption, even a SIGKILL
 mid-epoch, it loads that file at start and training continues from the last saved epoch.
@@ -24,8 +24,8 @@ from .distributed import rank
 logger = logging.getLogger(__name__)
 
 
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The network inside DistributedDataParallel / DataParallel."""
+def unwrap(network: Any) -> Any:
+    """The network inside DistributedDataParallel / DataParallel; anything else as it is."""
     return getattr(network, "module", network)
 
 
@@ -77,13 +77,10 @@ class TrainingState:
         trainer.add_event_handler(Events.STARTED, self.load)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
-    def _state_of(self, name: str, obj: Any) -> Any:
-        return unwrap(obj).state_dict() if isinstance(obj, torch.nn.Module) else obj.state_dict()
-
     def save(self, trainer: Engine) -> None:
         if rank() != 0:
             return
-        state = {name: self._state_of(name, obj) for name, obj in self.objects.items()}
+        state = {name: unwrap(obj).state_dict() for name, obj in self.objects.items()}
         state["trainer"] = trainer.state_dict()
         state["epoch"] = trainer.state.epoch  # for people and tests; ignite resumes from "trainer"
         state["torch_rng"] = torch.get_rng_state()
@@ -94,7 +91,7 @@ class TrainingState:
             return
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         for name, obj in self.objects.items():
-            (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).load_state_dict(state[name])
+            unwrap(obj).load_state_dict(state[name])
         max_epochs = trainer.state.max_epochs
         trainer.load_state_dict({**state["trainer"], "max_epochs": max(max_epochs, state["epoch"])})
         torch.set_rng_state(state["torch_rng"])

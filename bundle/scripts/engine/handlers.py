@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ignite.engine import Engine, Events
@@ -65,10 +66,9 @@ class EpochSummary:
         self.losses, self.start = [], time.time()
 
     def _collect(self, trainer: Engine) -> None:
-        output = trainer.state.output
-        item = output[0] if isinstance(output, list) else output
-        if isinstance(item, dict) and "loss" in item:
-            self.losses.append(float(item["loss"]))
+        loss = iteration_loss(trainer)
+        if loss is not None:
+            self.losses.append(loss)
 
     def _report(self, trainer: Engine) -> None:
         parts = [f"epoch {trainer.state.epoch}/{trainer.state.max_epochs}"]
@@ -77,14 +77,24 @@ class EpochSummary:
         if self.optimizer is not None:
             parts.append(f"lr {self.optimizer.param_groups[0]['lr']:.2e}")
         if self.evaluator is not None and validated_now(trainer, self.evaluator):
-            parts += [f"{k} {float(v):.4f}" for k, v in self.evaluator.state.metrics.items() if _is_number(v)]
+            parts += [f"{k} {v:.4f}" for k, v in numeric_metrics(self.evaluator.state.metrics).items()]
         parts.append(f"{time.time() - self.start:.1f} s")
         logger.info("  ".join(parts))
 
 
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+def iteration_loss(trainer: Engine) -> float | None:
+    """The loss of the trainer's last iteration (MONAI's output: a list of dicts, or a dict)."""
+    output = trainer.state.output
+    item = output[0] if isinstance(output, list) else output
+    return float(item["loss"]) if isinstance(item, Mapping) and "loss" in item else None
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics that are numbers (per-image details and the like are left out)."""
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out

@@ -30,6 +30,7 @@ from ignite.engine import Engine, Events
 from ..flags import flag
 from .checkpoints import validated_now
 from .distributed import rank
+from .handlers import iteration_loss, numeric_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -180,16 +181,6 @@ class TrackingRun:
             self.client.set_terminated(self.run_id, status)
 
 
-def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError):
-            continue
-    return out
-
-
 class TrainTracking:
     """Attached to the trainer after its ``ValidationHandler``."""
 
@@ -216,17 +207,16 @@ class TrainTracking:
             self.run.log_param("n_training_images", self.n_training_images)
 
     def _iteration(self, trainer: Engine) -> None:
-        output = trainer.state.output
-        item = output[0] if isinstance(output, list) else output
         step = trainer.state.iteration
-        if isinstance(item, Mapping) and "loss" in item:
-            self.run.log_metric("train_loss", float(item["loss"]), step)
+        loss = iteration_loss(trainer)
+        if loss is not None:
+            self.run.log_metric("train_loss", loss, step)
         if self.optimizer is not None:
             self.run.log_metric("lr", self.optimizer.param_groups[0]["lr"], step)
 
     def _epoch(self, trainer: Engine) -> None:
         if self.evaluator is not None and validated_now(trainer, self.evaluator):
-            for key, value in _numbers(self.evaluator.state.metrics).items():
+            for key, value in numeric_metrics(self.evaluator.state.metrics).items():
                 self.run.log_metric(key, value, trainer.state.epoch)
 
     def _complete(self, trainer: Engine) -> None:
@@ -250,7 +240,7 @@ class EvalTracking:
         evaluator.add_event_handler(Events.COMPLETED, self._complete)
 
     def _complete(self, evaluator: Engine) -> None:
-        for key, value in _numbers(evaluator.state.metrics).items():
+        for key, value in numeric_metrics(evaluator.state.metrics).items():
             self.run.log_metric(key, value, 0)
         self.run.log_text(" ".join(sys.argv), "config/command.txt")
         for path in self.artifacts:
