@@ -11,3 +11,16 @@ def test_command_line_spellings():
     assert [optional_flag(v) for v in (None, "null", "auto", "false", True)] == [None, None, None, False, True]
     with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):
         flag("maybe")
+
+
+def test_amp_dtype_knob():
+    import torch
+
+    from scripts.flags import amp_kwargs
+
+    assert amp_kwargs("bfloat16") == {"dtype": torch.bfloat16}
+    assert amp_kwargs("FP16") == {"dtype": torch.float16}
+    expected = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    assert amp_kwargs("auto") == {"dtype": expected}
+    with pytest.raises(ValueError, match="amp_dtype must be auto, bfloat16 or float16, got 'int8'"):
+        amp_kwargs("int8")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 _FALSE = {"false", "no", "off", "0", "none", "null", ""}
 _TRUE = {"true", "yes", "on", "1"}
 
@@ -25,3 +27,18 @@ def optional_flag(value: Any) -> bool | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "auto")):
         return None
     return flag(value)
+
+
+_AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def amp_kwargs(dtype: str = "auto") -> dict[str, torch.dtype]:
+    """``torch.autocast`` arguments for the ``amp_dtype`` knob: 'auto' is bfloat16 where the GPU
+    has it (Ampere and later: no loss scaling needed, fp32's range) and float16 elsewhere."""
+    name = str(dtype).strip().lower()
+    if name == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return {"dtype": torch.bfloat16 if bf16 else torch.float16}
+    if name not in _AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be auto, bfloat16 or float16, got {dtype!r}")
+    return {"dtype": _AMP_DTYPES[name]}
