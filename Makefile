@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # so that pip never pulls a multi-GB CUDA build onto a CPU machine.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.8' || echo 'torch==2.13.0')
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-fast lint demo bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ demo: setup
 # Ratios of the fast paths against their baselines, side by side; BENCH_QUICK=1 for a short run.
 bench: setup
 	$(PY) benchmarks/bench.py
+
+# Full-size ViT-B/L/H, AMP and activation checkpointing on a CUDA card; writes bench-gpu.json.
+bench-gpu: setup
+	$(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

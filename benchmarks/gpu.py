@@ -38,7 +38,7 @@ from bench import machine  # noqa: E402
 from scripts.encoder import encode_image  # noqa: E402
 from scripts.network import PTSAM  # noqa: E402
 
-VARIANTS = os.environ.get("BENCH_VARIANTS", "vit_b,vit_l,vit_h").split(",")
+VARIANTS = [v for v in os.environ.get("BENCH_VARIANTS", "vit_b,vit_l,vit_h").split(",") if v]
 REPEATS = int(os.environ.get("BENCH_REPEATS", "10"))
 AMP_DTYPE = torch.bfloat16
 GIB = 2**30
@@ -81,12 +81,20 @@ def bench_encoder(net: PTSAM, image: torch.Tensor) -> dict[str, float]:
         return run
 
     reference, fused, fused_amp = stock(False)(), ours(False)(), ours(True)().float()
+    # cuDNN (patch embedding) and the fused kernels may use TF32 by default; without it the
+    # two fp32 paths should agree to fp32 accuracy.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    strict = float((ours(False)() - stock(False)()).abs().max())
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     out = {
         "encoder_ms_stock_fp32": cuda_ms(stock(False)),
         "encoder_ms_ours_fp32": cuda_ms(ours(False)),
         "encoder_ms_stock_amp": cuda_ms(stock(True)),
         "encoder_ms_ours_amp": cuda_ms(ours(True)),
         "encoder_max_abs_diff_fp32": float((fused - reference).abs().max()),
+        "encoder_max_abs_diff_fp32_no_tf32": strict,
+        "encoder_output_scale": float(reference.abs().max()),
         "encoder_amp_rel_error": float((fused_amp - reference).norm() / reference.norm()),
     }
     out["encoder_time_ratio_fp32"] = out["encoder_ms_ours_fp32"] / out["encoder_ms_stock_fp32"]
@@ -198,6 +206,18 @@ def bench_workflows(variant: str = "vit_b", epochs: int = 2) -> dict[str, float]
             output_dir=f"{tmp}/predictions",
         )
         out["inference_amp_files_written"] = float(len(list(Path(tmp, "predictions").rglob("*.tif*"))))
+        run(
+            "evaluating",
+            config_file=[str(configs / "train.yaml"), str(configs / "evaluate.yaml")],
+            **common,
+            n_ie_prompts=8,
+            amp=True,
+            tracking_enabled=False,
+            ckpt_dir=f"{tmp}/models_ckpt_amp",
+            output_dir=f"{tmp}/evaluation",
+        )
+        rows = Path(tmp, "evaluation", "metrics.csv").read_text().splitlines()
+        out["evaluate_amp_metric_rows"] = float(len(rows) - 1)
     return out
 
 

@@ -200,7 +200,7 @@ def test_fused_and_reference_encoder_paths_agree_end_to_end():
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    plain = quiet(PTSAM, "tiny", n_ie_prompts=4)
+    plain = quiet(PTSAM, "tiny", n_ie_prompts=4, activation_checkpointing=False)
     saved = quiet(PTSAM, "tiny", n_ie_prompts=4, activation_checkpointing=True)
     saved.load_state_dict(plain.state_dict())
     image = torch.randn(2, 3, 256, 256)
@@ -208,6 +208,28 @@ def test_activation_checkpointing_gives_the_same_gradients():
         net(image).sigmoid().mean().backward()
     assert torch.allclose(plain.ie_prompts.tokens.grad, saved.ie_prompts.tokens.grad, atol=1e-6)
     assert plain.ie_prompts.tokens.grad.abs().sum() > 0
+
+
+def test_activation_checkpointing_defaults_to_on_exactly_when_encoder_prompts_train():
+    assert quiet(PTSAM, "tiny", n_ie_prompts=4).activation_checkpointing is True
+    assert quiet(PTSAM, "tiny", n_ie_prompts=0).activation_checkpointing is False
+    assert quiet(PTSAM, "tiny", n_ie_prompts=4, activation_checkpointing="false").activation_checkpointing is False
+
+
+def test_network_runs_under_autocast_close_to_fp32():
+    """The `amp` knob runs forward and backward under autocast (bfloat16 here, on the CPU):
+    fused attention with its bias mask, prompts and query chunks must all take it."""
+    net = quiet(PTSAM, "tiny", n_md_prompts=4, n_ie_prompts=4)
+    with torch.no_grad():
+        net.ie_prompts.tokens.normal_(0, 0.02)
+    image = torch.randn(2, 3, 256, 256)
+    reference = net(image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = net(image)
+    assert low.dtype == torch.bfloat16
+    low.float().sigmoid().mean().backward()
+    assert (low.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+    assert net.ie_prompts.tokens.grad.abs().sum() > 0 and net.md_prompts.tokens.grad.abs().sum() > 0
 
 
 def test_query_chunked_global_attention_equals_the_whole():

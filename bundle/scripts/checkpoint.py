@@ -62,7 +62,7 @@ def decode_meta(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
         return None
     try:
-        meta = json.loads(value.numpy().tobytes().rstrip(b"\0"))
+        meta = json.loads(value.cpu().numpy().tobytes().rstrip(b"\0"))
     except ValueError:
         return None
     return meta if isinstance(meta, dict) else None

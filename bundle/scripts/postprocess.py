@@ -81,7 +81,7 @@ class InstanceLabelsd(MapTransform):
         if not self.enabled:
             return d
         for key in self.key_iterator(d):
-            label = torch.as_tensor(d[key])[0].round().to(torch.int64).numpy()
+            label = torch.as_tensor(d[key])[0].round().to(torch.int64).cpu().numpy()
             instances = instance_labels(label, self.split_touching, self.min_depth)
             d[key] = torch.from_numpy(instances[None].astype(np.float32))
         return d
@@ -112,10 +112,10 @@ class WriteLabeld(MapTransform):
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         meta = dict(meta_of(d, self.ref_key))
-        meta["affine"] = np.asarray(torch.as_tensor(meta["affine"]).reshape(4, 4), dtype=np.float64)
+        meta["affine"] = np.asarray(torch.as_tensor(meta["affine"]).reshape(4, 4).cpu(), dtype=np.float64)
         meta["spatial_shape"] = tuple(meta_int(s) for s in meta["spatial_shape"])
         for key in self.key_iterator(d):
-            label = torch.as_tensor(d[key])[0].round().to(torch.int64).numpy()
+            label = torch.as_tensor(d[key])[0].round().to(torch.int64).cpu().numpy()
             path = self._path_for(meta)
             d[f"{key}_path"] = str(write_label(label, meta, self.output_dir, self.postfix, path=path))
         return d

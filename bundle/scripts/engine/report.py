@@ -59,7 +59,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None) -
 def _spacing(meta: dict, ndim: int) -> list[float] | None:
     if meta.get("format") not in ("nifti", "dicom"):
         return None
-    affine = torch.as_tensor(meta["affine"]).reshape(4, 4).double().numpy()
+    affine = torch.as_tensor(meta["affine"]).reshape(4, 4).double().cpu().numpy()
     return np.linalg.norm(affine[:3, :ndim], axis=0).tolist()
 
 
