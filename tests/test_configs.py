@@ -67,6 +67,15 @@ def test_default_network_is_vit_b_md_only():
     assert {n: p.numel() for n, p in net.named_parameters() if p.requires_grad} == {"md_prompts.tokens": 2048}
 
 
+def test_train_handlers_are_definitions_as_monai_label_needs():
+    """MONAI Label inserts a CheckpointLoader into ``train#handlers`` and reads every entry's
+    ``_target_``: the list must hold handler definitions (dicts), not references."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    handlers = parser.get("train#handlers")
+    assert handlers and all(isinstance(h, dict) and "_target_" in h for h in handlers)
+
+
 def _metadata() -> dict:
     return json.loads(METADATA.read_text())
 
@@ -76,7 +85,10 @@ def test_metadata_is_valid_against_monai_schema():
     jsonschema.validate(_metadata(), json.loads(SCHEMA.read_text()))
     fmt = _metadata()["network_data_format"]
     assert fmt["inputs"]["image"]["num_channels"] == 3
-    assert fmt["outputs"]["pred"]["num_channels"] == len(fmt["outputs"]["pred"]["channel_def"]) == 1
+    # channel_def names the written label's values (0 background, logit channel c -> c + 1),
+    # as MONAI Label and the model zoo read it
+    pred = fmt["outputs"]["pred"]
+    assert pred["num_channels"] == 1 and pred["channel_def"] == {"0": "background", "1": "foreground"}
     broken = _metadata()
     del broken["network_data_format"]["inputs"]["image"]["dtype"]
     with pytest.raises(jsonschema.ValidationError):

@@ -23,9 +23,9 @@ def test_two_processes_keep_identical_prompts_and_write_one_model(synthetic, tmp
     assert "rank 0 of 2: 1 batches" in done.stdout and "rank 1 of 2: 1 batches" in done.stdout
     zero, one = (torch.load(tmp_path / f"prompts_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(zero, one)
-    initial = torch.load(tmp_path / "models" / "training_state.pt", weights_only=True)
+    initial = torch.load(tmp_path / "models" / "training_state.ckpt", weights_only=True)
     assert initial["epoch"] == 3
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "training_state.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "training_state.ckpt"]
     assert done.stderr.count("scripts.engine.handlers epoch 3/3") == 1  # the summary comes from rank 0 only
     assert done.stderr.count("prompts saved to") >= 1
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")

@@ -39,8 +39,20 @@ def test_two_epochs_write_a_loadable_model(synthetic, tmp_path):
     load_prompts(net, model)
     assert not torch.equal(net.md_prompts.tokens, before)  # trained prompts, not the initial ones
     assert len(list((tmp_path / "eval" / "embedding_cache").glob("*.pt"))) == 6  # 4 training + 2 validation
-    resume = torch.load(tmp_path / "models" / "training_state.pt", weights_only=True)
+    resume = torch.load(tmp_path / "models" / "training_state.ckpt", weights_only=True)
     assert resume["epoch"] == 2 and "optimizer" in resume and "lr_scheduler" in resume
+
+
+def test_without_validation_images_the_final_prompts_are_saved(synthetic, tmp_path):
+    """As MONAI Label trains on one or two labelled images: no validation list, still a model.pt."""
+    args = _train_args(synthetic / "microscopy", tmp_path, "--epochs", "2", "--validate#dataset#data", "[]")
+    done = monai_bundle("run", "training", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no validation ran: the final prompts are saved" in done.stdout + done.stderr
+    net = quiet(PTSAM, "tiny")
+    before = net.md_prompts.tokens.detach().clone()
+    load_prompts(net, tmp_path / "models" / "model.pt")
+    assert not torch.equal(net.md_prompts.tokens, before)
 
 
 def test_plain_run_trains_too_and_reuses_the_cache(synthetic, tmp_path):
@@ -60,7 +72,7 @@ def test_plain_run_trains_too_and_reuses_the_cache(synthetic, tmp_path):
 def test_resume_after_sigkill(synthetic, tmp_path):
     args = _train_args(synthetic / "microscopy", tmp_path, "--epochs", "25", "--early_stop_patience", "0")
     command = [sys.executable, "-W", "ignore", "-m", "monai.bundle", "run", "training", *args]
-    state = tmp_path / "models" / "training_state.pt"
+    state = tmp_path / "models" / "training_state.ckpt"
     proc = subprocess.Popen(command, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not state.exists() and time.time() < deadline and proc.poll() is None:
@@ -124,6 +136,6 @@ def test_training_on_volumes_and_determinism(synthetic, tmp_path):
         args = _train_args(synthetic / "ct", out, "--epochs", "2", "--intensity", "window", "--slices_per_volume", "2")
         done = monai_bundle("run", "training", *args)
         assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(torch.load(out / "models" / "training_state.pt", weights_only=True)["network"])
+        runs.append(torch.load(out / "models" / "training_state.ckpt", weights_only=True)["network"])
     # same seed, same data: the same prompts, bit for bit
     assert torch.equal(runs[0]["md_prompts.tokens"], runs[1]["md_prompts.tokens"])

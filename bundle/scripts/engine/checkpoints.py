@@ -1,10 +1,12 @@
 """The best prompts as ``models/model.pt``, and the whole training state for resuming.
 
 ``BestPromptSaver`` (a training handler after validation) writes the prompt-only checkpoint
-whenever the key validation metric improves. ``TrainingState`` (a training handler, attached last) writes
-network, optimiser, scheduler, trainer, best-model and early-stopping state after every
-epoch, atomically; when the same command runs again after an interruption, even a SIGKILL
-mid-epoch, it loads that file at start and training continues from the last saved epoch.
+whenever the key validation metric improves, or at the end when there was nothing to validate
+on. ``TrainingState`` (a training handler, attached last) attaches the best-prompt saver and
+early stopping, then writes network, optimiser, scheduler, trainer, best-model and
+early-stopping state after every epoch, atomically; when the same command runs again after an
+interruption, even a SIGKILL mid-epoch, it loads that file at start and training continues
+from the last saved epoch.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def validated_now(trainer: Engine, evaluator: Engine) -> bool:
 
 class BestPromptSaver:
     """Attached to the trainer after its ``ValidationHandler``: writes the prompts to
-    ``model_path`` whenever the evaluator's ``metric_name`` improves."""
+    ``model_path`` whenever the evaluator's ``metric_name`` improves. With no validation images
+    (MONAI Label trains on as few as one), the final prompts are written when training ends."""
 
     def __init__(
         self,
@@ -51,6 +54,12 @@ class BestPromptSaver:
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
+        trainer.add_event_handler(Events.COMPLETED, self.save_unvalidated)
+
+    def save_unvalidated(self, trainer: Engine) -> None:
+        if self.best_epoch == 0 and rank() == 0:
+            save_prompts(unwrap(self.network), self.model_path)
+            logger.warning("no validation ran: the final prompts are saved to %s", self.model_path)
 
     def __call__(self, trainer: Engine) -> None:
         if not validated_now(trainer, self.evaluator):
@@ -70,10 +79,24 @@ class BestPromptSaver:
 
 
 class TrainingState:
-    def __init__(self, path: str | Path, objects: dict[str, Any], resume: bool = True):
+    """Resume bookkeeping, attached last among the training handlers. It attaches ``best_saver``
+    and ``early_stop`` first, so that the state it saves holds their decisions of the epoch
+    (and so that ``train#handlers`` lists only handler definitions, as MONAI Label requires)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        objects: dict[str, Any],
+        resume: bool = True,
+        best_saver: BestPromptSaver | None = None,
+        early_stop: Any = None,
+    ):
         self.path, self.objects, self.resume = Path(path), objects, flag(resume)
+        self.handlers = [h for h in (best_saver, early_stop) if h is not None]
 
     def attach(self, trainer: Engine) -> None:
+        for handler in self.handlers:
+            handler.attach(trainer)
         trainer.add_event_handler(Events.STARTED, self.load)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
