@@ -2,11 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# MONAI Label's server has its own environment (its dependencies clash with this one's).
+LABEL_VENV ?= .venv-label
+STUDIES ?=
+PORT ?= 8000
 # A CUDA machine takes torch from PyPI's default index; elsewhere the CPU wheel,
 # so that pip never pulls a multi-GB CUDA build onto a CPU machine.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.8' || echo 'torch==2.13.0')
 
-.PHONY: setup test test-fast lint demo bench bench-gpu clean
+.PHONY: setup test test-fast lint demo bench bench-gpu label label-setup clean
 
 setup: $(VENV)/.installed
 
@@ -16,17 +20,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-test: setup
-	$(PY) -m ruff check bundle tests benchmarks
-	$(PY) -m ruff format --check bundle tests benchmarks
+test: setup label-setup
+	$(PY) -m ruff check bundle tests benchmarks label
+	$(PY) -m ruff format --check bundle tests benchmarks label
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
-	$(PY) -m ruff check bundle tests benchmarks
-	$(PY) -m ruff format --check bundle tests benchmarks
+	$(PY) -m ruff check bundle tests benchmarks label
+	$(PY) -m ruff format --check bundle tests benchmarks label
 
 demo: setup
 	cd bundle && ../$(PY) -m scripts.demo
@@ -39,5 +43,16 @@ bench: setup
 bench-gpu: setup
 	$(PY) benchmarks/gpu.py
 
+label-setup: $(LABEL_VENV)/.installed
+
+$(LABEL_VENV)/.installed: label/setup_env.sh pyproject.toml
+	bash label/setup_env.sh $(LABEL_VENV) "$(TORCH_SPEC)"
+	touch $@
+
+# The MONAI Label server on 127.0.0.1:$(PORT) with bundle/ as its model `ptsam`; images in $(STUDIES).
+label: label-setup
+	@test -n "$(STUDIES)" || { echo "usage: make label STUDIES=<folder of images> [PORT=8000]"; exit 2; }
+	$(LABEL_VENV)/bin/python label/start.py --studies "$(STUDIES)" --port $(PORT)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LABEL_VENV) .pytest_cache .ruff_cache

@@ -175,6 +175,8 @@ def test_unsupported_and_missing(tmp_path):
         read_image(tmp_path / "notes.txt")
     with pytest.raises(ImageReadError, match="gone.png: no such file"):
         read_image(tmp_path / "gone.png")
+    with pytest.raises(UnsupportedFileError, match="no image path given"):
+        probe_image("")  # not the working directory read as a DICOM folder
 
 
 # Writers

@@ -58,6 +58,8 @@ def stem_of(path: str | Path) -> str:
 
 def detect_format(path: str | Path) -> str:
     """'nifti', 'dicom', 'tiff', 'png' or 'jpeg'; a folder (or ``folder::uid``) is a DICOM series."""
+    if not str(path).strip():  # Path("") would be the working directory
+        raise UnsupportedFileError("no image path given (an empty path)")
     folder, uid = split_series(path)
     if uid is not None or folder.is_dir():
         return "dicom"

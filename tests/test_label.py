@@ -1,0 +1,193 @@
+"""The bundle as a live model in the real MONAI Label 0.8.5 server (loopback only).
+
+The server runs from its own environment (`make label-setup`, about 70 s the first time), with
+`label/start.py` as `make label` starts it, on a copy of the bundle whose `model.pt` holds
+untrained prompts for the `tiny` generalist."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import BUNDLE, REPO, quiet
+from scripts.checkpoint import save_prompts
+from scripts.network import PTSAM
+
+pytestmark = pytest.mark.slow
+
+LABEL_PY = REPO / ".venv-label" / "bin" / "python"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body) of one HTTP request; HTTP errors are answers too."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def label_env() -> Path:
+    done = subprocess.run(["make", "-s", "label-setup"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return LABEL_PY
+
+
+@pytest.fixture(scope="module")
+def server(label_env, generalist, tmp_path_factory):
+    """A running server: (base URL, bundle copy, studies folder, server log)."""
+    from scripts.synthetic import generate
+
+    root = tmp_path_factory.mktemp("label")
+    bundle = root / "ptsam"
+    skip = shutil.ignore_patterns("eval", "predictions", "*.pt", "*.ckpt", "__pycache__")
+    shutil.copytree(BUNDLE, bundle, ignore=skip)
+    net = quiet(PTSAM, "tiny", str(generalist))
+    save_prompts(net, bundle / "models" / "model.pt")
+
+    data = root / "synthetic"
+    generate(str(data), seed=1, n_train=3, n_val=0, modalities="microscopy,ct")
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    shutil.copy(data / "ct" / "imagesTr" / "ct_000.nii.gz", studies)
+    for i in range(3):  # three labelled fields: MONAI Label's split gives 2 to train, 1 to validate
+        shutil.copy(data / "microscopy" / "imagesTr" / f"cells_{i:03d}.tif", studies)
+        shutil.copy(data / "microscopy" / "labelsTr" / f"cells_{i:03d}.tif", studies / "labels" / "final")
+    (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "notes.txt").write_text("not an image")
+
+    port = _free_port()
+    log = root / "server.log"
+    env = {**os.environ, "SAM_CHECKPOINT": str(generalist), "SAM_VARIANT": "tiny", "PYTHONPATH": ""}
+    command = [str(label_env), str(REPO / "label" / "start.py"), "--studies", str(studies)]
+    command += ["--port", str(port), "--bundle", str(bundle)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        assert proc.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"the server did not answer: {log.read_text()[-3000:]}"
+        try:
+            if _request(f"{base}/info/")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    yield base, bundle, studies, root, log, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _infer(base: str, image: str) -> tuple[int, bytes, dict]:
+    query = urllib.parse.urlencode({"image": image, "output": "image"})
+    status, headers, body = _request(f"{base}/infer/ptsam?{query}", method="POST")
+    return status, body, headers
+
+
+def _infer_file(base: str, image: str, tmp_path: Path, suffix: str) -> Path:
+    status, body, _ = _infer(base, image)
+    assert status == 200, body[-2000:]
+    out = tmp_path / f"{image}{suffix}"
+    out.write_bytes(body)
+    return out
+
+
+def test_info_lists_the_model_and_its_labels(server):
+    base = server[0]
+    status, _, body = _request(f"{base}/info/")
+    info = json.loads(body)
+    model = info["models"]["ptsam"]
+    assert status == 200 and model["type"] == "segmentation"
+    assert model["labels"] == {"foreground": 1}  # metadata.json's channel_def, background left out
+    assert "ptsam" in info["trainers"]
+
+
+def test_infer_train_infer(server, tmp_path):
+    base, bundle, studies, root, log, _ = server
+    tiff = tifffile.imread(studies / "cells_000.tif")
+    before = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_before.tif"))
+    assert before.shape == tiff.shape and set(np.unique(before)) <= {0, 1}
+
+    volume = nib.load(studies / "ct_000.nii.gz")
+    label = nib.load(_infer_file(base, "ct_000", tmp_path, ".nii.gz"))
+    assert label.shape == volume.shape  # slice by slice, in the volume's own geometry
+    assert np.allclose(label.affine, volume.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+
+    model = bundle / "models" / "model.pt"
+    old = _sha(model)
+    request = json.dumps({"max_epochs": 1}).encode()
+    status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
+    assert status == 200, body
+    deadline = time.time() + 300
+    while (state := json.loads(_request(f"{base}/train/")[2])).get("status") == "RUNNING":
+        assert time.time() < deadline, "training did not finish"
+        time.sleep(0.5)
+    assert state.get("status") == "DONE", (state, log.read_text()[-3000:])
+    assert _sha(model) != old, f"model.pt unchanged: {log.read_text()[-3000:]}"
+    assert not (bundle / "models" / "training_state.ckpt").exists() or "resumed" not in log.read_text()
+
+    after = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_after.tif"))
+    assert after.shape == tiff.shape
+    assert (after != before).any(), "the next inference did not use the new model.pt"
+
+    # The run is in the bundle's MLflow store, with MONAI Label's datalist (2 train, 1 validation).
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["epochs"] == "1" and "val_mean_dice" in runs[0].data.metrics
+    assert runs[0].data.params["n_training_images"] == "2"
+
+
+def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path):
+    base, _, studies, root, _, _ = server
+    status, body, _ = _infer(base, "no_such_image")
+    assert status == 404 and "no image 'no_such_image' in the datastore" in json.loads(body)["detail"]
+
+    status, body, _ = _infer(base, str(root / "notes.txt"))  # a path on the server
+    detail = json.loads(body)["detail"]
+    assert status == 415 and "notes.txt: not a supported image file" in detail
+
+    status, body, _ = _infer(base, "broken")  # listed by the datastore, unreadable
+    detail = json.loads(body)["detail"]
+    assert status == 422 and "broken.png" in detail
+
+    assert _request(f"{base}/info/")[0] == 200
+    assert _infer(base, "cells_001")[0] == 200
+
+
+def test_server_stops_cleanly(server):
+    base, *_, log, proc = server
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+    with pytest.raises(OSError):
+        _request(f"{base}/info/")
