@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from conftest import BUNDLE, REPO, quiet
 from scripts.checkpoint import save_prompts
@@ -49,6 +50,10 @@ def _request(url: str, method: str = "GET", body: bytes | None = None, headers: 
         return err.code, dict(err.headers), err.read()
 
 
+def _text(log: Path) -> str:
+    return log.read_text(encoding="utf-8", errors="replace")  # progress bars; the locale may be ASCII
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -69,6 +74,7 @@ def server(label_env, generalist, tmp_path_factory):
     bundle = root / "ptsam"
     skip = shutil.ignore_patterns("eval", "predictions", "*.pt", "*.ckpt", "__pycache__")
     shutil.copytree(BUNDLE, bundle, ignore=skip)
+    torch.manual_seed(0)
     net = quiet(PTSAM, "tiny", str(generalist))
     save_prompts(net, bundle / "models" / "model.pt")
 
@@ -93,8 +99,8 @@ def server(label_env, generalist, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
-        assert proc.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
-        assert time.time() < deadline, f"the server did not answer: {log.read_text()[-3000:]}"
+        assert proc.poll() is None, f"the server exited: {_text(log)[-3000:]}"
+        assert time.time() < deadline, f"the server did not answer: {_text(log)[-3000:]}"
         try:
             if _request(f"{base}/info/")[0] == 200:
                 break
@@ -117,6 +123,18 @@ def _infer_file(base: str, image: str, tmp_path: Path, suffix: str) -> Path:
     out = tmp_path / f"{image}{suffix}"
     out.write_bytes(body)
     return out
+
+
+def _train(base: str, log: Path, max_epochs: int = 1) -> None:
+    """POST /train/ptsam and wait until it is done."""
+    request = json.dumps({"max_epochs": max_epochs}).encode()
+    status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
+    assert status == 200, body
+    deadline = time.time() + 300
+    while (state := json.loads(_request(f"{base}/train/")[2])).get("status") in ("SUBMITTED", "RUNNING"):
+        assert time.time() < deadline, "training did not finish"
+        time.sleep(0.5)
+    assert state.get("status") == "DONE", (state, _text(log)[-3000:])
 
 
 def test_info_lists_the_model_and_its_labels(server):
@@ -143,19 +161,12 @@ def test_infer_train_infer(server, tmp_path):
 
     model = bundle / "models" / "model.pt"
     old = _sha(model)
-    request = json.dumps({"max_epochs": 1}).encode()
-    status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
-    assert status == 200, body
-    deadline = time.time() + 300
-    while (state := json.loads(_request(f"{base}/train/")[2])).get("status") == "RUNNING":
-        assert time.time() < deadline, "training did not finish"
-        time.sleep(0.5)
-    assert state.get("status") == "DONE", (state, log.read_text()[-3000:])
-    assert _sha(model) != old, f"model.pt unchanged: {log.read_text()[-3000:]}"
-    assert not (bundle / "models" / "training_state.ckpt").exists() or "resumed" not in log.read_text()
+    _train(base, log)
+    assert _sha(model) != old, f"model.pt unchanged: {_text(log)[-3000:]}"
 
     after = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_after.tif"))
     assert after.shape == tiff.shape
+    print(f"foreground pixels before training {int(before.sum())}, after {int(after.sum())}")
     assert (after != before).any(), "the next inference did not use the new model.pt"
 
     # The run is in the bundle's MLflow store, with MONAI Label's datalist (2 train, 1 validation).
@@ -166,6 +177,12 @@ def test_infer_train_infer(server, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["epochs"] == "1" and "val_mean_dice" in runs[0].data.metrics
     assert runs[0].data.params["n_training_images"] == "2"
+
+    # A second /train is a new run from the new model.pt, not a resumed (finished) first run.
+    trained = _sha(model)
+    _train(base, log)
+    assert _sha(model) != trained and "resumed from" not in _text(log)
+    assert len(client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])) == 2
 
 
 def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path):
@@ -188,6 +205,6 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path)
 def test_server_stops_cleanly(server):
     base, *_, log, proc = server
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+    assert proc.wait(timeout=60) == 0, _text(log)[-2000:]
     with pytest.raises(OSError):
         _request(f"{base}/info/")
