@@ -14,7 +14,7 @@ from conftest import BUNDLE
 
 def test_two_processes_keep_identical_prompts_and_write_one_model(synthetic, tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(Path(__file__).with_name("ddp_worker.py")), str(BUNDLE), str(synthetic / "microscopy"), str(tmp_path)],
         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
     )  # fmt: skip

@@ -55,6 +55,21 @@ def test_without_validation_images_the_final_prompts_are_saved(synthetic, tmp_pa
     assert not torch.equal(net.md_prompts.tokens, before)
 
 
+def test_a_batch_may_mix_volume_slices_and_2d_images(synthetic):
+    """MONAI Label's datalist is whatever was labelled: NIfTI volumes beside TIFF fields."""
+    from monai.bundle import ConfigParser
+
+    case = {"ct": "ct_000.nii.gz", "microscopy": "cells_000.tif"}
+    data = [{k: str(synthetic / m / f"{k}sTr" / name) for k in ("image", "label")} for m, name in case.items()]
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / TRAIN))
+    parser.update({"bundle_root": str(BUNDLE), "sam_variant": "tiny", "device": "$torch.device('cpu')"})
+    parser.update({"train#dataset#data": data, "cache_embeddings": False, "batch_size": 8})
+    parser["train#dataloader#shuffle"] = False
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert batch["image"].shape == (5, 3, 256, 256) and batch["label"].shape == (5, 1, 256, 256)  # 4 slices + 1 field
+
+
 def test_plain_run_trains_too_and_reuses_the_cache(synthetic, tmp_path):
     first = monai_bundle("run", "training", *_train_args(synthetic / "microscopy", tmp_path, "--epochs", "1"))
     assert first.returncode == 0, first.stderr[-3000:]
