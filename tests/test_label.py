@@ -83,7 +83,8 @@ def server(label_env, generalist, tmp_path_factory):
     studies = root / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     shutil.copy(data / "ct" / "imagesTr" / "ct_000.nii.gz", studies)
-    for i in range(3):  # three labelled fields: MONAI Label's split gives 2 to train, 1 to validate
+    shutil.copy(data / "ct" / "labelsTr" / "ct_000.nii.gz", studies / "labels" / "final")
+    for i in range(3):  # with the volume, four labelled images: MONAI Label gives 3 to train, 1 to validate
         shutil.copy(data / "microscopy" / "imagesTr" / f"cells_{i:03d}.tif", studies)
         shutil.copy(data / "microscopy" / "labelsTr" / f"cells_{i:03d}.tif", studies / "labels" / "final")
     (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -169,14 +170,14 @@ def test_infer_train_infer(server, tmp_path):
     print(f"foreground pixels before training {int(before.sum())}, after {int(after.sum())}")
     assert (after != before).any(), "the next inference did not use the new model.pt"
 
-    # The run is in the bundle's MLflow store, with MONAI Label's datalist (2 train, 1 validation).
+    # The run is in the bundle's MLflow store, with MONAI Label's datalist (3 train, 1 validation).
     import mlflow
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["epochs"] == "1" and "val_mean_dice" in runs[0].data.metrics
-    assert runs[0].data.params["n_training_images"] == "2"
+    assert runs[0].data.params["n_training_images"] == "3"
 
     # A second /train is a new run from the new model.pt, not a resumed (finished) first run.
     trained = _sha(model)
