@@ -70,6 +70,22 @@ def test_a_batch_may_mix_volume_slices_and_2d_images(synthetic):
     assert batch["image"].shape == (5, 3, 256, 256) and batch["label"].shape == (5, 1, 256, 256)  # 4 slices + 1 field
 
 
+def test_early_stopping_stops_and_stays_stopped(synthetic, tmp_path):
+    # lr 0: nothing improves after the first validation, so patience 1 stops at epoch 2
+    args = _train_args(synthetic / "microscopy", tmp_path, "--epochs", "30", "--early_stop_patience", "1")
+    args += ["--learning_rate", "0"]
+    done = monai_bundle("run", "training", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "early stopping: val_mean_dice has not improved" in done.stdout + done.stderr
+    assert "epoch 2/30" in done.stdout and "epoch 3/30" not in done.stdout
+    state = tmp_path / "models" / "training_state.ckpt"
+    assert torch.load(state, weights_only=True)["epoch"] == 2
+    again = monai_bundle("run", "training", *args)  # the same command: nothing more to do
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stopped early at epoch 2" in again.stdout + again.stderr and "epoch 3/30" not in again.stdout
+    assert torch.load(state, weights_only=True)["epoch"] == 2
+
+
 def test_plain_run_trains_too_and_reuses_the_cache(synthetic, tmp_path):
     first = monai_bundle("run", "training", *_train_args(synthetic / "microscopy", tmp_path, "--epochs", "1"))
     assert first.returncode == 0, first.stderr[-3000:]

@@ -118,6 +118,11 @@ class TrainingState:
         max_epochs = trainer.state.max_epochs
         trainer.load_state_dict({**state["trainer"], "max_epochs": max(max_epochs, state["epoch"])})
         torch.set_rng_state(state["torch_rng"])
+        if any(getattr(handler, "stopped", False) for handler in self.handlers):
+            message = "%s: this training stopped early at epoch %d; `--resume false` starts over"
+            logger.info(message, self.path, state["epoch"])
+            trainer.terminate()
+            return
         logger.info("resumed from %s: epoch %d of %d done", self.path, trainer.state.epoch, max_epochs)
 
 

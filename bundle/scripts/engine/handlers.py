@@ -42,6 +42,10 @@ class EarlyStopping:
             logger.info(message, self.metric_name, self.best, self.counter)
             trainer.terminate()
 
+    @property
+    def stopped(self) -> bool:
+        return 0 < self.patience <= self.counter
+
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "counter": self.counter}
 
