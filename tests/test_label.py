@@ -28,6 +28,7 @@ import torch
 from conftest import BUNDLE, REPO, quiet
 from scripts.checkpoint import save_prompts
 from scripts.network import PTSAM
+from scripts.synthetic import write_dicom_series
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +88,8 @@ def server(label_env, generalist, tmp_path_factory):
     for i in range(3):  # with the volume, four labelled images: MONAI Label gives 3 to train, 1 to validate
         shutil.copy(data / "microscopy" / "imagesTr" / f"cells_{i:03d}.tif", studies)
         shutil.copy(data / "microscopy" / "labelsTr" / f"cells_{i:03d}.tif", studies / "labels" / "final")
+    ct = nib.load(data / "ct" / "imagesTr" / "ct_000.nii.gz")
+    write_dicom_series(np.asarray(ct.dataobj), ct.affine, root / "dicom" / "ct_000", seed=0)  # as a DICOMweb pull
     (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (root / "notes.txt").write_text("not an image")
 
@@ -121,7 +124,7 @@ def _infer(base: str, image: str) -> tuple[int, bytes, dict]:
 def _infer_file(base: str, image: str, tmp_path: Path, suffix: str) -> Path:
     status, body, _ = _infer(base, image)
     assert status == 200, body[-2000:]
-    out = tmp_path / f"{image}{suffix}"
+    out = tmp_path / f"{Path(image).name}{suffix}"
     out.write_bytes(body)
     return out
 
@@ -159,6 +162,10 @@ def test_infer_train_infer(server, tmp_path):
     assert label.shape == volume.shape  # slice by slice, in the volume's own geometry
     assert np.allclose(label.affine, volume.affine, atol=1e-5)
     assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+    # A DICOM series folder on the server (what MONAI Label passes on from a DICOMweb store):
+    # a NIfTI label in the series' geometry, read there with pydicom 2.4.
+    series = nib.load(_infer_file(base, str(root / "dicom" / "ct_000"), tmp_path, ".nii.gz"))
+    assert series.shape == volume.shape and np.allclose(series.affine, volume.affine, atol=1e-4)
 
     model = bundle / "models" / "model.pt"
     old = _sha(model)

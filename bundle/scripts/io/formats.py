@@ -79,36 +79,3 @@ def is_supported(path: str | Path) -> bool:
     except UnsupportedFileError:
         return False
     return True
-
-
-def list_images(folder: str | Path) -> tuple[list[str], list[str]]:
-    """Images directly in ``folder`` (files, DICOM series, DICOM sub-folders), and the ignored rest."""
-    from .readers import ImageReadError, dicom_series_in  # late: readers imports this module
-
-    folder = Path(folder)
-    images, ignored = [], []
-    loose_dicom = False
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            try:
-                series = dicom_series_in(entry)
-            except ImageReadError as err:
-                series, entry = [], f"{entry} ({err})"
-            if series:
-                images += series
-            else:
-                ignored.append(str(entry))
-        elif looks_like_dicom(entry):
-            loose_dicom = True
-        elif is_supported(entry):
-            images.append(str(entry))
-        else:
-            ignored.append(str(entry))
-    if loose_dicom:
-        try:
-            images += dicom_series_in(folder)
-        except ImageReadError as err:
-            ignored.append(str(err))
-    return images, ignored

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .formats import SERIES_SEP, detect_format, split_series
+from .formats import SERIES_SEP, detect_format, is_supported, looks_like_dicom, split_series
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -130,8 +130,6 @@ def _sitk_affine(image: Any) -> np.ndarray:
 
 def _unparsed_files(folder: Path) -> list[str]:
     """DICOM-looking files of ``folder`` that belong to no series: GDCM skipped them as broken."""
-    from .formats import looks_like_dicom
-
     in_series = {str(Path(f)) for f in _all_series_files(folder)}
     return sorted(str(f) for f in folder.iterdir() if looks_like_dicom(f) and str(f) not in in_series)
 
@@ -332,3 +330,34 @@ def probe_image(path: str | Path) -> dict:
     probes = {"nifti": _probe_nifti, "dicom": _probe_dicom, "tiff": _probe_tiff}
     shape, channels = probes[fmt](source) if fmt in probes else _probe_pil(source, fmt)
     return {"format": fmt, "spatial_shape": tuple(int(s) for s in shape), "channels": int(channels)}
+
+
+def list_images(folder: str | Path) -> tuple[list[str], list[str]]:
+    """Images directly in ``folder`` (files, DICOM series, DICOM sub-folders), and the ignored rest."""
+    folder = Path(folder)
+    images, ignored = [], []
+    loose_dicom = False
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            try:
+                series = dicom_series_in(entry)
+            except ImageReadError as err:
+                series, entry = [], f"{entry} ({err})"
+            if series:
+                images += series
+            else:
+                ignored.append(str(entry))
+        elif looks_like_dicom(entry):
+            loose_dicom = True
+        elif is_supported(entry):
+            images.append(str(entry))
+        else:
+            ignored.append(str(entry))
+    if loose_dicom:
+        try:
+            images += dicom_series_in(folder)
+        except ImageReadError as err:
+            ignored.append(str(err))
+    return images, ignored
