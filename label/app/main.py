@@ -22,6 +22,7 @@ What this adds to MONAI Label's bundle tasks, and why:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -189,7 +190,7 @@ class PTSAMApp(MONAILabelApp):
             conf=conf,
             name=f"PTSAM - prompt-tuned Segment Anything (MONAI Label {monailabel.__version__})",
             description="A frozen SAM steered by a few learned prompt tokens, trained from a handful of labels",
-            version="0.1.0",
+            version=json.loads((Path(self.bundle) / "configs" / "metadata.json").read_text())["version"],
         )
 
     def init_infers(self) -> dict[str, InferTask]:
