@@ -115,9 +115,13 @@ def server(label_env, generalist, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _infer(base: str, image: str) -> tuple[int, bytes, dict]:
+def _infer(base: str, image: str, params: dict | None = None) -> tuple[int, bytes, dict]:
     query = urllib.parse.urlencode({"image": image, "output": "image"})
-    status, headers, body = _request(f"{base}/infer/ptsam?{query}", method="POST")
+    body, headers = None, {}
+    if params:  # MONAI Label takes per-request options as a `params` form field holding JSON
+        body = f'--b0\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n--b0--\r\n'
+        body, headers = body.encode(), {"Content-Type": "multipart/form-data; boundary=b0"}
+    status, headers, body = _request(f"{base}/infer/ptsam?{query}", "POST", body, headers)
     return status, body, headers
 
 
@@ -148,6 +152,7 @@ def test_info_lists_the_model_and_its_labels(server):
     model = info["models"]["ptsam"]
     assert status == 200 and model["type"] == "segmentation"
     assert model["labels"] == {"foreground": 1}  # metadata.json's channel_def, background left out
+    assert model["config"]["instance_labels"] is False  # inference.yaml's displayable_configs
     assert "ptsam" in info["trainers"]
 
 
@@ -156,6 +161,11 @@ def test_infer_train_infer(server, tmp_path):
     tiff = tifffile.imread(studies / "cells_000.tif")
     before = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_before.tif"))
     assert before.shape == tiff.shape and set(np.unique(before)) <= {0, 1}
+    status, body, _ = _infer(base, "cells_000", {"instance_labels": True})  # an option of this request only
+    assert status == 200, body[-2000:]
+    (tmp_path / "instances.tif").write_bytes(body)
+    instances = tifffile.imread(tmp_path / "instances.tif")
+    assert np.array_equal(instances > 0, before > 0) and instances.max() > 1  # the same pixels, numbered
 
     volume = nib.load(studies / "ct_000.nii.gz")
     label = nib.load(_infer_file(base, "ct_000", tmp_path, ".nii.gz"))
@@ -173,7 +183,7 @@ def test_infer_train_infer(server, tmp_path):
     assert _sha(model) != old, f"model.pt unchanged: {_text(log)[-3000:]}"
 
     after = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_after.tif"))
-    assert after.shape == tiff.shape
+    assert after.shape == tiff.shape and set(np.unique(after)) <= {0, 1}  # options last one request
     print(f"foreground pixels before training {int(before.sum())}, after {int(after.sum())}")
     assert (after != before).any(), "the next inference did not use the new model.pt"
 
