@@ -91,6 +91,8 @@ def server(label_env, generalist, tmp_path_factory):
     ct = nib.load(data / "ct" / "imagesTr" / "ct_000.nii.gz")
     write_dicom_series(np.asarray(ct.dataobj), ct.affine, root / "dicom" / "ct_000", seed=0)  # as a DICOMweb pull
     (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    field = (data / "microscopy" / "imagesTr" / "cells_001.tif").read_bytes()
+    (studies / "truncated.tif").write_bytes(field[: len(field) // 2])  # its header reads, its pixels do not
     (root / "notes.txt").write_text("not an image")
 
     port = _free_port()
@@ -215,6 +217,10 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path)
     status, body, _ = _infer(base, "broken")  # listed by the datastore, unreadable
     detail = json.loads(body)["detail"]
     assert status == 422 and "broken.png" in detail
+
+    status, body, _ = _infer(base, "truncated")  # found out while reading, not up front
+    detail = json.loads(body)["detail"]
+    assert status == 422 and "truncated.tif: unreadable TIFF file" in detail
 
     assert _request(f"{base}/info/")[0] == 200
     assert _infer(base, "cells_001")[0] == 200

@@ -94,22 +94,28 @@ class _BundleImports:
 
 
 def _check_image(bundle: str, image: Any) -> None:
-    """Refuse an image the bundle cannot read, naming it and the problem, before any work."""
+    """Refuse an image whose header the bundle cannot read, naming it and the problem, before
+    any work (header only: the pixels are read once, by the inference itself)."""
     if not isinstance(image, str):
         return  # an in-memory array: the bundle's loader will say what is wrong
     with _BundleImports(bundle):
-        from scripts.datasets import check_case
         from scripts.io import UnsupportedFileError, probe_image
 
         try:
             probe_image(image)
         except UnsupportedFileError as err:
             raise HTTPException(status_code=415, detail=str(err)) from err
-        except ValueError as err:
+        except ValueError as err:  # ImageReadError and what the format's reader raised
             raise HTTPException(status_code=422, detail=str(err)) from err
-        problems = check_case({"image": image}, require_label=False)
-    if problems:
-        raise HTTPException(status_code=422, detail="; ".join(problems))
+
+
+def _read_error(err: BaseException) -> BaseException | None:
+    """The bundle's image-reading error behind ``err`` (MONAI wraps it in transform errors)."""
+    while err is not None:
+        if type(err).__name__ in ("ImageReadError", "UnsupportedFileError"):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class PTSAMInferTask(BundleInferTask):
@@ -135,6 +141,8 @@ class PTSAMInferTask(BundleInferTask):
         except HTTPException:
             raise
         except Exception as err:
+            if (cause := _read_error(err)) is not None:
+                raise HTTPException(status_code=422, detail=str(cause)) from err
             logger.exception("inference failed")
             raise HTTPException(status_code=500, detail=f"{request.get('image')}: inference failed: {err}") from err
 
