@@ -249,3 +249,14 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
         atomic_write(target, crash)
     assert target.read_bytes() == b"previous result"
     assert sorted(os.listdir(tmp_path)) == ["case_seg.nii.gz"]  # no temporary file left
+
+
+def test_one_output_name_per_input_for_predictions_and_overlays():
+    from scripts.io.formats import output_stem
+    from scripts.io.writers import output_path
+
+    uid = "1.2.826.0.1.3680043.8.498.1.24"
+    assert output_stem("/d/ct_001.nii.gz") == "ct_001" and output_stem("/d/cells.tif") == "cells"
+    assert output_stem(f"/d/dicom/ct_004::{uid}") == f"ct_004_{uid[-12:]}"  # a folder may hold several series
+    meta = {"filename_or_obj": f"/d/dicom/ct_004::{uid}", "format": "dicom"}
+    assert output_path(meta, "/out").name == f"ct_004_{uid[-12:]}_seg.nii.gz"

@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..io import read_image
-from ..io.formats import split_series, stem_of
+from ..io.formats import output_stem
 from ..io.writers import atomic_write
 from ..transforms import meta_int
 
@@ -123,8 +123,7 @@ class EvaluationReport:
             amount = (truth | pred).sum(axis=tuple(a for a in range(3) if a != axis))
             index = int(np.argmax(amount))
             image, pred, truth = image.take(index, axis=1 + axis), pred.take(index, axis), truth.take(index, axis)
-        folder, uid = split_series(name)
-        path = self.output_dir / "overlays" / f"{stem_of(folder) if uid is None else folder.name}.png"
+        path = self.output_dir / "overlays" / f"{output_stem(name)}.png"
 
         def write(tmp: Path) -> None:
             buffer = io.BytesIO()

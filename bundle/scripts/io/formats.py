@@ -56,6 +56,13 @@ def stem_of(path: str | Path) -> str:
     return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
 
 
+def output_stem(path: str | Path) -> str:
+    """The name that files made from an input start with: the file's stem, or for a DICOM series
+    ``folder::uid`` the folder's name and the UID's end (one folder may hold several series)."""
+    folder, uid = split_series(path)
+    return stem_of(folder) if uid is None else f"{folder.name}_{uid[-12:]}"
+
+
 def detect_format(path: str | Path) -> str:
     """'nifti', 'dicom', 'tiff', 'png' or 'jpeg'; a folder (or ``folder::uid``) is a DICOM series."""
     if not str(path).strip():  # Path("") would be the working directory

@@ -17,15 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from .formats import split_series, stem_of
+from .formats import output_stem
 
 _EXTENSION = {"nifti": ".nii.gz", "dicom": ".nii.gz", "tiff": ".tif", "png": ".png", "jpeg": ".png"}
 
 
 def output_path(meta: Mapping[str, Any], output_dir: str | Path, postfix: str = "seg") -> Path:
-    folder, uid = split_series(meta["filename_or_obj"])
-    name = stem_of(folder) if uid is None else f"{folder.name}_{uid[-12:]}"
-    return Path(output_dir) / f"{name}_{postfix}{_EXTENSION[meta['format']]}"
+    return Path(output_dir) / f"{output_stem(meta['filename_or_obj'])}_{postfix}{_EXTENSION[meta['format']]}"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
