@@ -66,15 +66,39 @@ def label_env() -> Path:
     return LABEL_PY
 
 
+def _start_server(label_env: Path, generalist: Path, bundle: Path, studies: Path, log: Path):
+    """`make label`'s start script on a free port, once it answers: (base URL, log, process)."""
+    port = _free_port()
+    env = {**os.environ, "SAM_CHECKPOINT": str(generalist), "SAM_VARIANT": "tiny", "PYTHONPATH": ""}
+    command = [str(label_env), str(REPO / "label" / "start.py"), "--studies", str(studies)]
+    command += ["--port", str(port), "--bundle", str(bundle)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        assert proc.poll() is None, f"the server exited: {_text(log)[-3000:]}"
+        assert time.time() < deadline, f"the server did not answer: {_text(log)[-3000:]}"
+        try:
+            if _request(f"{base}/info/")[0] == 200:
+                return base, log, proc
+        except OSError:
+            time.sleep(0.5)
+
+
+def _bundle_copy(target: Path) -> Path:
+    skip = shutil.ignore_patterns("eval", "predictions", "*.pt", "*.ckpt", "__pycache__")
+    shutil.copytree(BUNDLE, target, ignore=skip)
+    return target
+
+
 @pytest.fixture(scope="module")
 def server(label_env, generalist, tmp_path_factory):
-    """A running server: (base URL, bundle copy, studies folder, server log)."""
+    """A running server: (base URL, bundle copy, studies folder, work folder, log, process)."""
     from scripts.synthetic import generate
 
     root = tmp_path_factory.mktemp("label")
-    bundle = root / "ptsam"
-    skip = shutil.ignore_patterns("eval", "predictions", "*.pt", "*.ckpt", "__pycache__")
-    shutil.copytree(BUNDLE, bundle, ignore=skip)
+    bundle = _bundle_copy(root / "ptsam")
     torch.manual_seed(0)
     net = quiet(PTSAM, "tiny", str(generalist))
     save_prompts(net, bundle / "models" / "model.pt")
@@ -95,23 +119,7 @@ def server(label_env, generalist, tmp_path_factory):
     (studies / "truncated.tif").write_bytes(field[: len(field) // 2])  # its header reads, its pixels do not
     (root / "notes.txt").write_text("not an image")
 
-    port = _free_port()
-    log = root / "server.log"
-    env = {**os.environ, "SAM_CHECKPOINT": str(generalist), "SAM_VARIANT": "tiny", "PYTHONPATH": ""}
-    command = [str(label_env), str(REPO / "label" / "start.py"), "--studies", str(studies)]
-    command += ["--port", str(port), "--bundle", str(bundle)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        assert proc.poll() is None, f"the server exited: {_text(log)[-3000:]}"
-        assert time.time() < deadline, f"the server did not answer: {_text(log)[-3000:]}"
-        try:
-            if _request(f"{base}/info/")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
+    base, log, proc = _start_server(label_env, generalist, bundle, studies, root / "server.log")
     yield base, bundle, studies, root, log, proc
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -232,3 +240,25 @@ def test_server_stops_cleanly(server):
     assert proc.wait(timeout=60) == 0, _text(log)[-2000:]
     with pytest.raises(OSError):
         _request(f"{base}/info/")
+
+
+def test_a_bundle_without_model_pt_serves_once_trained(label_env, generalist, tmp_path):
+    """As a new user starts: nothing trained yet. Inference says so; after /train it works."""
+    from scripts.synthetic import generate
+
+    bundle = _bundle_copy(tmp_path / "ptsam")
+    generate(str(tmp_path / "synthetic"), seed=2, n_train=3, n_val=0, modalities="microscopy")
+    studies = tmp_path / "studies"
+    shutil.copytree(tmp_path / "synthetic" / "microscopy" / "imagesTr", studies)
+    shutil.copytree(tmp_path / "synthetic" / "microscopy" / "labelsTr", studies / "labels" / "final")
+    base, log, proc = _start_server(label_env, generalist, bundle, studies, tmp_path / "server.log")
+    try:
+        info = json.loads(_request(f"{base}/info/")[2])
+        assert "ptsam" not in info["models"] and "ptsam" in info["trainers"]
+        status, body, _ = _infer(base, "cells_000")
+        assert status == 409 and "no trained prompts yet" in json.loads(body)["detail"]
+        _train(base, log)
+        assert (bundle / "models" / "model.pt").is_file()
+        assert _infer(base, "cells_000")[0] == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)

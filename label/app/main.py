@@ -216,4 +216,8 @@ class PTSAMApp(MONAILabelApp):
                 raise HTTPException(status_code=404, detail=f"no image '{image}' in the datastore {self.studies}")
         if request.get("model") == self.model_name and self.model_name not in self._infers:
             self._infers = self.init_infers()  # model.pt written by /train since start-up
+            if self.model_name not in self._infers:
+                model = Path(self.bundle) / "models" / "model.pt"
+                detail = f"no trained prompts yet ({model}): label a few images, then POST /train/{self.model_name}"
+                raise HTTPException(status_code=409, detail=detail)
         return super().infer(request, datastore)
