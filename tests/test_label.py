@@ -1,6 +1,6 @@
 """The bundle as a live model in the real MONAI Label 0.8.5 server (loopback only).
 
-The server runs from its own environment (`make label-setup`, about 70 s the first time), with
+The server runs from its own environment (`make label-setup`, about 90 s the first time), with
 `label/start.py` as `make label` starts it, on a copy of the bundle whose `model.pt` holds
 untrained prompts for the `tiny` generalist."""
 
