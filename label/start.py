@@ -27,14 +27,10 @@ def main() -> None:
     studies = Path(args.studies).resolve()
     if not studies.is_dir():
         sys.exit(f"{studies}: no such studies folder")
-    if os.environ.get("SAM_CHECKPOINT"):
-        variant, checkpoint = os.environ.get("SAM_VARIANT", "vit_b"), os.environ["SAM_CHECKPOINT"]
-        print(f"== SAM {variant} from {checkpoint}", flush=True)
-    else:
-        sys.path.insert(0, args.bundle)
-        from scripts.demo import backbone
+    sys.path.insert(0, args.bundle)
+    from scripts.demo import backbone
 
-        variant, checkpoint, _ = backbone()
+    variant, checkpoint, _ = backbone()
     command = [
         sys.executable, "-m", "monailabel.main", "start_server",
         "--app", str(REPO / "label" / "app"), "--studies", str(studies),

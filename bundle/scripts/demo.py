@@ -29,13 +29,16 @@ def _bundle(*args: str) -> None:
 
 
 def backbone() -> tuple[str, str, bool]:
-    """(sam_variant, sam_checkpoint, is_real_sam)."""
+    """(sam_variant, sam_checkpoint, is_real_sam): ``SAM_CHECKPOINT`` (its variant ``SAM_VARIANT``,
+    default vit_b), else the official ViT-B file in ``models/``, else the `tiny` generalist."""
     from scripts.generalist import ensure_generalist
 
-    given = os.environ.get("SAM_CHECKPOINT") or (str(OFFICIAL) if OFFICIAL.is_file() else "")
+    given = os.environ.get("SAM_CHECKPOINT")
+    variant = os.environ.get("SAM_VARIANT", "vit_b") if given else "vit_b"
+    given = given or (str(OFFICIAL) if OFFICIAL.is_file() else "")
     if given:
-        _say(f"SAM ViT-B from {given}")
-        return "vit_b", given, True
+        _say(f"SAM {variant} from {given}")
+        return variant, given, variant != "tiny"
     _say(
         "No official SAM checkpoint found (set SAM_CHECKPOINT, or put sam_vit_b_01ec64.pth in bundle/models/;\n"
         "   `cd bundle && python -m monai.bundle download_large_files` fetches it when online).\n"

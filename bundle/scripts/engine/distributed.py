@@ -36,10 +36,11 @@ def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def rank_zero_only(handlers: Sequence[Any]) -> list[Any]:
     """All handlers on rank 0; elsewhere only those every rank needs to stay in step (learning-rate
-    schedule, validation, early stopping, best-model and resume bookkeeping, which write on rank 0 only)."""
+    schedule, validation, and ``TrainingState`` with the early stopping and best-model saving it
+    attaches, which write on rank 0 only)."""
     if rank() == 0:
         return list(handlers)
     return [h for h in handlers if type(h).__name__ in _EVERY_RANK]
 
 
-_EVERY_RANK = {"LrScheduleHandler", "ValidationHandler", "EarlyStopping", "TrainingState", "BestPromptSaver"}
+_EVERY_RANK = {"LrScheduleHandler", "ValidationHandler", "TrainingState"}
