@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 warnings.simplefilter("ignore", UserWarning)
 
-from scripts.encoder import encode_image  # noqa: E402
-from scripts.inferers import SliceBatchInferer  # noqa: E402
-from scripts.network import PTSAM  # noqa: E402
+from scripts.engine.inferers import SliceBatchInferer  # noqa: E402
+from scripts.model.encoder import encode_image  # noqa: E402
+from scripts.model.network import PTSAM  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK", "0") not in ("0", "", "false")
 VARIANT = "tiny" if QUICK else "vit_b"
@@ -83,7 +83,7 @@ def bench_cache(net: PTSAM, images: torch.Tensor, target: torch.Tensor) -> dict[
         cached = net.encode(images)
 
     def step(embeddings: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.binary_cross_entropy_with_logits(net(embeddings), y)
+        loss = F.binary_cross_entropy_with_logits(net(embeddings, embedded=True), y)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -106,7 +106,7 @@ _STEP = """
 import sys, resource, warnings, torch
 warnings.simplefilter("ignore")
 sys.path.insert(0, {bundle!r})
-from scripts.network import PTSAM
+from scripts.model.network import PTSAM
 net = PTSAM({variant!r}, n_md_prompts=8, n_ie_prompts=8, activation_checkpointing={ckpt})
 image = torch.randn(1, 3, net.img_size, net.img_size)
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
@@ -157,8 +157,8 @@ def bench_inference(net: PTSAM, workdir: Path) -> dict[str, float]:
     import tifffile
     from monai.transforms import Compose
 
-    from scripts.postprocess import LogitsToLabeld, WriteLabeld
-    from scripts.transforms import InvertSamInputd, LoadImageAnyd, SamChannelsd, SamInputd, SamIntensityd
+    from scripts.data.postprocess import LogitsToLabeld, WriteLabeld
+    from scripts.data.transforms import InvertSamInputd, LoadImageAnyd, SamChannelsd, SamInputd, SamIntensityd
 
     size = net.img_size
     path = workdir / "field.tif"

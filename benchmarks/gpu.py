@@ -35,8 +35,8 @@ warnings.simplefilter("ignore", UserWarning)
 
 from bench import machine  # noqa: E402
 
-from scripts.encoder import encode_image  # noqa: E402
-from scripts.network import PTSAM  # noqa: E402
+from scripts.model.encoder import encode_image  # noqa: E402
+from scripts.model.network import PTSAM  # noqa: E402
 
 VARIANTS = [v for v in os.environ.get("BENCH_VARIANTS", "vit_b,vit_l,vit_h").split(",") if v]
 REPEATS = int(os.environ.get("BENCH_REPEATS", "10"))
@@ -102,9 +102,11 @@ def bench_encoder(net: PTSAM, image: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def train_step(net: PTSAM, optimiser: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: bool) -> None:
+def train_step(
+    net: PTSAM, optimiser: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: bool, embedded: bool = False
+) -> None:
     with autocast(amp):
-        logits = net(x)
+        logits = net(x, embedded=embedded)
     loss = F.binary_cross_entropy_with_logits(logits.float(), y)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -155,9 +157,9 @@ def bench_cached_step(net: PTSAM, image: torch.Tensor, target: torch.Tensor) -> 
     def recompute() -> None:
         with torch.no_grad():
             e = net.encode(image)
-        train_step(net, optimiser, e, target, False)
+        train_step(net, optimiser, e, target, False, embedded=True)
 
-    cached = cuda_ms(lambda: train_step(net, optimiser, embedding, target, False))
+    cached = cuda_ms(lambda: train_step(net, optimiser, embedding, target, False, embedded=True))
     full = cuda_ms(recompute)
     return {"md_step_ms_cached": cached, "md_step_ms_recompute": full, "cache_step_speedup": full / cached}
 
@@ -169,7 +171,7 @@ def bench_workflows(variant: str = "vit_b", epochs: int = 2) -> dict[str, float]
 
     from monai.bundle import run
 
-    from scripts.synthetic import generate
+    from scripts.demo.synthetic import generate
 
     configs = ROOT / "bundle" / "configs"
     out: dict[str, float] = {}

@@ -30,4 +30,4 @@ $PIP $C fastapi uvicorn python-multipart pydantic-settings pyjwt passlib cacheto
 $PIP $C "$REPO"
 
 "$PY" -c "import monailabel, monai, mlflow; print('monailabel', monailabel.__version__, 'monai', monai.__version__)"
-(cd "$REPO/bundle" && "$PY" -W ignore -c "import scripts.network")
+(cd "$REPO/bundle" && "$PY" -W ignore -c "import scripts.model.network")

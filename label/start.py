@@ -28,7 +28,7 @@ def main() -> None:
     if not studies.is_dir():
         sys.exit(f"{studies}: no such studies folder")
     sys.path.insert(0, args.bundle)
-    from scripts.demo import backbone
+    from scripts.demo.run import backbone
 
     variant, checkpoint, _ = backbone()
     command = [

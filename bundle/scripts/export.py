@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_prompts
-from .engine.checkpoints import unwrap
+from .engine.distributed import unwrap
+from .model.prompt_file import load_prompts
 
 logger = logging.getLogger(__name__)
 

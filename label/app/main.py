@@ -99,7 +99,7 @@ def _check_image(bundle: str, image: Any) -> None:
     if not isinstance(image, str):
         return  # an in-memory array: the bundle's loader will say what is wrong
     with _BundleImports(bundle):
-        from scripts.io import UnsupportedFileError, probe_image
+        from scripts.data.io import UnsupportedFileError, probe_image
 
         try:
             probe_image(image)

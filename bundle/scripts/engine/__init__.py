@@ -1,2 +1,3 @@
-"""Ignite and MONAI pieces the workflow configs compose: the embedding cache, checkpoints and
-resuming, early stopping, per-epoch summaries, evaluation reports and inference screening."""
+"""Ignite and MONAI pieces the workflow configs compose: the embedding cache, the slice and
+sliding-window inferers, training handlers (best prompts, early stopping, summaries, resuming),
+metrics and the evaluation report, MLflow tracking, inference screening and distributed training."""

@@ -1,26 +1,29 @@
 """The embedding cache: SAM's frozen encoder runs once per distinct input, not once per step.
 
 With no image-encoder prompts the encoder is frozen and its output for a given
-preprocessed image never changes. ``EncodeImaged`` replaces the image by its embedding,
-kept in memory and on disk under a key made of the image's bytes and the backbone's
-fingerprint (which covers the variant and its weights), so a second run reuses it.
+preprocessed image never changes. ``EncodeImaged`` puts the image's embedding under the
+``embedding`` key, kept in memory and on disk under a key made of the image's bytes and the
+backbone's fingerprint (which covers the variant and its weights), so a second run reuses it.
+``prepare_batch`` then hands the network the embeddings with ``embedded=True``: the network
+decodes them without guessing what it was given.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from ..checkpoint import atomic_torch_save
-from ..flags import flag, optional_flag
-from .checkpoints import unwrap
+from ..common.files import atomic_torch_save
+from ..common.flags import flag, optional_flag
+from .distributed import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +45,16 @@ def use_cache(cache_embeddings: bool | None, n_ie_prompts: int, augment: bool = 
 
 
 class EncodeImaged(MapTransform):
-    """Image (3, S, S) or slice stack (3, n, S, S) -> embedding (256, S/16, S/16) or (256, n, ...),
-    keeping the image's metadata. ``cache_dir=None`` keeps the cache in memory only;
-    ``enabled=False`` passes images through (the configs switch the cache with it)."""
+    """Image (3, S, S) or slice stack (3, n, S, S) -> ``embedding`` (256, S/16, S/16) or
+    (256, n, ...) with the image's metadata; the image stays (its metadata places the
+    prediction). ``cache_dir=None`` keeps the cache in memory only; ``enabled=False`` adds
+    nothing (the configs switch the cache with it)."""
 
     def __init__(
         self,
         network: torch.nn.Module,
         keys: KeysCollection = "image",
+        embedding_key: str = "embedding",
         cache_dir: str | Path | None = None,
         enabled: bool = True,
         device: str | torch.device | None = None,
@@ -58,6 +63,7 @@ class EncodeImaged(MapTransform):
     ):
         super().__init__(keys, allow_missing_keys)
         self.network = unwrap(network)
+        self.embedding_key = embedding_key
         self.enabled = flag(enabled)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.device = device
@@ -104,5 +110,20 @@ class EncodeImaged(MapTransform):
             image = d[key]
             meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
             plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-            d[key] = MetaTensor(self.embedding(plain), meta=meta)
+            d[self.embedding_key] = MetaTensor(self.embedding(plain), meta=meta)
         return d
+
+
+def prepare_batch(cached: bool) -> Callable:
+    """The trainer's and evaluator's ``prepare_batch``: images and labels as MONAI's default does,
+    or with the cache on, the embeddings, the labels and ``embedded=True`` for the network."""
+    cached = flag(cached)
+
+    def prepare(batch: Mapping, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> tuple:
+        inputs = batch["embedding"] if cached else batch["image"]
+        inputs = inputs.to(device=device, non_blocking=non_blocking, **kwargs)
+        label = batch.get("label")
+        label = None if label is None else label.to(device=device, non_blocking=non_blocking, **kwargs)
+        return inputs, label, (), {"embedded": True} if cached else {}
+
+    return prepare

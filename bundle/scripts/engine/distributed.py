@@ -18,6 +18,11 @@ def init() -> None:
         torch.cuda.set_device(local_device())
 
 
+def unwrap(network: Any) -> Any:
+    """The network inside DistributedDataParallel / DataParallel; anything else as it is."""
+    return getattr(network, "module", network)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -34,13 +39,16 @@ def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, broadcast_buffers=False)
 
 
+def runs_on_every_rank(handler: Any) -> bool:
+    """What every rank needs to stay in step: MONAI's learning-rate schedule and validation, and
+    this bundle's handlers marked ``every_rank`` (early stopping, the training state)."""
+    from monai.handlers import LrScheduleHandler, ValidationHandler
+
+    return isinstance(handler, (LrScheduleHandler, ValidationHandler)) or getattr(handler, "every_rank", False)
+
+
 def rank_zero_only(handlers: Sequence[Any]) -> list[Any]:
-    """All handlers on rank 0; elsewhere only those every rank needs to stay in step (learning-rate
-    schedule, validation, and ``TrainingState`` with the early stopping and best-model saving it
-    attaches, which write on rank 0 only)."""
+    """All handlers on rank 0; elsewhere only those that ``runs_on_every_rank``."""
     if rank() == 0:
         return list(handlers)
-    return [h for h in handlers if type(h).__name__ in _EVERY_RANK]
-
-
-_EVERY_RANK = {"LrScheduleHandler", "ValidationHandler", "TrainingState"}
+    return [h for h in handlers if runs_on_every_rank(h)]

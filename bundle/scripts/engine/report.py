@@ -25,10 +25,10 @@ from monai.metrics import compute_hausdorff_distance
 from PIL import Image
 from scipy import ndimage
 
-from ..io import read_image
-from ..io.formats import output_stem
-from ..io.writers import atomic_write
-from ..transforms import meta_int
+from ..common.files import atomic_write
+from ..data.io import read_image
+from ..data.io.formats import output_stem
+from ..data.meta import meta_int
 
 logger = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ server instead, which is checked before any long work starts. ``tracking: false`
 off. Only rank 0 of a distributed run talks to MLflow.
 
 ``TrainTracking`` (a trainer handler) logs the parameters, ``train_loss`` and ``lr`` every
-iteration, the validation metrics every validated epoch, and at the end the resolved
-configuration, the command line and ``model.pt``. ``EvalTracking`` (an evaluator handler)
-logs the evaluation metrics, ``metrics.csv`` and the overlays. When MONAI's own
-``--tracking mlflow`` adds its ``MLFlowHandler`` as well, ``one_tracker`` drops it, so
-nothing is logged twice.
+iteration, the validation metrics after every validation, and at the end the parameters as
+resolved by MONAI's parser (``config/resolved_config.json``), the command line and
+``model.pt``. ``EvalTracking`` (an evaluator handler) logs the evaluation metrics,
+``metrics.csv`` and the overlays. When MONAI's own ``--tracking mlflow`` adds its
+``MLFlowHandler`` as well, ``one_tracker`` drops it, so nothing is logged twice.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from urllib.parse import urlparse
 
 from ignite.engine import Engine, Events
 
-from ..flags import flag
-from .checkpoints import validated_now
+from ..common.flags import flag
 from .distributed import rank
-from .handlers import iteration_loss, numeric_metrics
+from .handlers import iteration_loss, numeric_metrics, on_validation
 
 logger = logging.getLogger(__name__)
 
@@ -73,40 +72,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from err
     if response.status_code >= 400:
         raise TrackingError(f"MLflow tracking server {uri} answered {response.status_code} to /health")
-
-
-def _command_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
-    """The config files and ``--key value`` overrides of a ``monai.bundle run`` command line."""
-    from fire.parser import DefaultParseValue
-
-    files: list[str] = []
-    overrides: dict[str, Any] = {}
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        if args[i].startswith("--") and i + 1 < len(args):
-            key, value = args[i][2:], DefaultParseValue(args[i + 1])
-            if key == "config_file":
-                files = [value] if isinstance(value, str) else list(value)
-            elif key not in ("meta_file", "logging_file", "tracking", "args_file", "init_id", "final_id"):
-                overrides[key] = value
-            i += 2
-        else:
-            i += 1
-    return files, overrides
-
-
-def resolved_config(argv: Sequence[str], cwd: str | Path = ".") -> dict[str, Any] | None:
-    """The merged configuration with the command line's overrides, as MONAI would run it."""
-    from monai.bundle import ConfigParser
-
-    files, overrides = _command_overrides(argv)
-    if not files:
-        return None
-    parser = ConfigParser()
-    parser.read_config([str(Path(cwd) / f) for f in files])
-    parser.update(overrides)
-    return parser.get()
 
 
 class TrackingRun:
@@ -182,7 +147,7 @@ class TrackingRun:
 
 
 class TrainTracking:
-    """Attached to the trainer after its ``ValidationHandler``."""
+    """Attached to the trainer; validation metrics are logged when the evaluator completes."""
 
     def __init__(
         self,
@@ -198,7 +163,8 @@ class TrainTracking:
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.STARTED, self._start)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+        if self.evaluator is not None:
+            on_validation(trainer, self.evaluator, self._validated)
         trainer.add_event_handler(Events.COMPLETED, self._complete)
 
     def _start(self, trainer: Engine) -> None:
@@ -214,15 +180,12 @@ class TrainTracking:
         if self.optimizer is not None:
             self.run.log_metric("lr", self.optimizer.param_groups[0]["lr"], step)
 
-    def _epoch(self, trainer: Engine) -> None:
-        if self.evaluator is not None and validated_now(trainer, self.evaluator):
-            for key, value in numeric_metrics(self.evaluator.state.metrics).items():
-                self.run.log_metric(key, value, trainer.state.epoch)
+    def _validated(self, trainer: Engine, metrics: Mapping[str, Any]) -> None:
+        for key, value in numeric_metrics(metrics).items():
+            self.run.log_metric(key, value, trainer.state.epoch)
 
     def _complete(self, trainer: Engine) -> None:
-        config = resolved_config(sys.argv, Path.cwd())
-        if config is not None:
-            self.run.log_text(json.dumps(config, indent=2, default=str), "config/resolved_config.json")
+        self.run.log_text(json.dumps(self.run.params, indent=2, default=str), "config/resolved_config.json")
         self.run.log_text(" ".join(sys.argv), "config/command.txt")
         for path in self.artifacts:
             self.run.log_artifact(path)

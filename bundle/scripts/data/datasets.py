@@ -1,0 +1,168 @@
+"""Datasets: find the cases of a dataset folder, split them, and check them before long work.
+
+A dataset folder holds either ``dataset.json`` (Decathlon style: ``training`` and optional
+``validation`` lists of ``{"image", "label"}``, an optional ``test`` list; paths relative to
+the folder) or ``imagesTr/`` + ``labelsTr/`` with matching names (and ``imagesTs/``).
+Without a validation list, a deterministic share of the training cases is held out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import ImageReadError, UnsupportedFileError, list_images, probe_image, read_image
+from .io.formats import SERIES_SEP, split_series, stem_of
+from .labels import class_of_values, describe_bad_labels
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_VOXELS = 1 << 28  # 268 M voxels: a 512 x 512 x 1024 volume
+MIN_SIZE = 8
+
+
+class DatasetError(ValueError):
+    """Problems found in a dataset, one line per file."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the dataset:\n  " + "\n  ".join(self.problems))
+
+
+def _resolve(root: Path, entry: Any) -> Any:
+    if isinstance(entry, Mapping):
+        return {k: _resolve(root, v) if k in ("image", "label") else v for k, v in entry.items()}
+    folder, uid = split_series(entry)
+    path = folder if folder.is_absolute() else (root / folder).resolve()
+    return f"{path}{SERIES_SEP}{uid}" if uid else str(path)
+
+
+def _pairs(images_dir: Path, labels_dir: Path) -> list[dict]:
+    images, ignored = list_images(images_dir)
+    labels = {stem_of(p): p for p in list_images(labels_dir)[0]} if labels_dir.is_dir() else {}
+    for path in ignored:
+        logger.info("ignored %s: not an image file", path)
+    return [{"image": p, "label": labels.get(stem_of(p), str(labels_dir / Path(p).name))} for p in images]
+
+
+def held_out(items: Sequence[Mapping], val_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Split deterministically by a hash of each image's name: the same split on every machine."""
+    if not items:
+        return [], []
+    ranked = sorted(items, key=lambda it: hashlib.sha256(Path(str(it["image"])).name.encode()).hexdigest())
+    n_val = max(1, math.floor(len(items) * val_fraction + 0.5)) if len(items) > 1 else 0
+    val_names = {id(it) for it in ranked[:n_val]}
+    return [dict(it) for it in items if id(it) not in val_names], [dict(it) for it in items if id(it) in val_names]
+
+
+def load_datalist(dataset_dir: str | Path, section: str = "training", val_fraction: float = 0.2) -> list[dict]:
+    """The cases of ``section`` ('training', 'validation' or 'test') as absolute paths.
+
+    ``test`` falls back to ``imagesTs/``, then to every image file directly in ``dataset_dir``;
+    ``dataset_dir`` may also be one image file. Test items have no label.
+    """
+    root = Path(dataset_dir)
+    if section not in ("training", "validation", "test"):
+        raise ValueError(f"section must be training, validation or test, got {section!r}")
+    if section == "test" and root.exists() and not root.is_dir():
+        return [{"image": str(root.resolve())}]
+    if not root.is_dir():
+        raise DatasetError([f"{root}: no such dataset folder"])
+    spec = root / "dataset.json"
+    if spec.is_file():
+        try:
+            content = json.loads(spec.read_text())
+        except ValueError as err:
+            raise DatasetError([f"{spec}: not valid JSON ({err})"]) from err
+        training = [_resolve(root, e) for e in content.get("training", [])]
+        if section == "test" and content.get("test"):
+            return [e if isinstance(e, dict) else {"image": e} for e in (_resolve(root, t) for t in content["test"])]
+        if section == "validation" and content.get("validation"):
+            return [_resolve(root, e) for e in content["validation"]]
+        if section != "test":
+            if content.get("validation"):
+                return training
+            train, val = held_out(training, val_fraction)
+            return train if section == "training" else val
+    elif section != "test":
+        if not (root / "imagesTr").is_dir():
+            raise DatasetError([f"{root}: neither dataset.json nor imagesTr/ found"])
+        train, val = held_out(_pairs(root / "imagesTr", root / "labelsTr"), val_fraction)
+        return train if section == "training" else val
+    test_dir = root / "imagesTs" if (root / "imagesTs").is_dir() else root
+    images, ignored = list_images(test_dir)
+    for path in ignored:
+        logger.info("ignored %s: not an image file", path)
+    return [{"image": p} for p in images]
+
+
+def check_case(
+    item: Mapping[str, Any],
+    classes: Sequence[int] = (1,),
+    label_map: Mapping[int, int] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    require_label: bool = True,
+) -> list[str]:
+    """Every problem of one case, each as '<file>: <problem>'. Headers are checked before pixels."""
+    problems: list[str] = []
+    image_path = item.get("image")
+    try:
+        head = probe_image(image_path)
+    except (ImageReadError, UnsupportedFileError) as err:
+        return [str(err)]
+    voxels = math.prod(head["spatial_shape"]) * head["channels"]
+    if voxels > max_voxels:
+        return [
+            f"{image_path}: {voxels:,} values ({head['spatial_shape']} x {head['channels']} channels) exceed the "
+            f"budget max_voxels={max_voxels:,}; raise it if the machine has the memory, or crop the image"
+        ]
+    if sorted(head["spatial_shape"])[-2] < MIN_SIZE:  # in-plane; a volume may have few slices
+        return [f"{image_path}: image of shape {head['spatial_shape']} is smaller than {MIN_SIZE} px"]
+    try:
+        image, meta = read_image(image_path)
+    except ImageReadError as err:
+        return [str(err)]
+    if image.size and not np.isfinite(image).all():
+        problems.append(f"{image_path}: contains NaN or infinite values")
+    elif image.size and image.min() == image.max():
+        problems.append(f"{image_path}: constant image (every value is {image.flat[0]:g})")
+    label_path = item.get("label")
+    if label_path is None or not (Path(str(label_path)).exists() or SERIES_SEP in str(label_path)):
+        if require_label:
+            problems.append(f"{image_path}: missing label" + (f" ({label_path} does not exist)" if label_path else ""))
+        return problems
+    try:
+        label, _ = read_image(label_path)
+    except (ImageReadError, UnsupportedFileError) as err:
+        return [*problems, str(err)]
+    if label.shape[1:] != image.shape[1:]:
+        problems.append(f"{label_path}: label shape {label.shape[1:]} differs from image shape {image.shape[1:]}")
+    elif label.shape[0] > 1 and not (label == label[:1]).all():
+        problems.append(f"{label_path}: label has {label.shape[0]} differing channels, not one label map")
+    else:
+        _, bad = class_of_values(np.unique(label).tolist(), classes, label_map)
+        if bad:
+            problems.append(f"{label_path}: {describe_bad_labels(bad, classes)}")
+    return problems
+
+
+def check_dataset(
+    items: Sequence[Mapping[str, Any]],
+    classes: Sequence[int] = (1,),
+    label_map: Mapping[int, int] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    require_label: bool = True,
+) -> None:
+    """Raise ``DatasetError`` listing every problem of every case; nothing is written."""
+    if not items:
+        raise DatasetError(["no cases found"])
+    problems = [p for item in items for p in check_case(item, classes, label_map, max_voxels, require_label)]
+    if problems:
+        raise DatasetError(problems)

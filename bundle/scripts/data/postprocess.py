@@ -1,0 +1,121 @@
+"""From the network's logits (on the input's grid) to label files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+from ..common.flags import flag
+from .io import write_label
+from .io.writers import output_path
+from .meta import meta_int, meta_of
+
+
+def logits_to_label(logits: torch.Tensor) -> torch.Tensor:
+    """(C, ...) logits -> (1, ...) label: class c + 1 where its logit is highest and positive
+    (probability above one half; every class is its own sigmoid), background elsewhere."""
+    best, index = torch.as_tensor(logits).max(dim=0, keepdim=True)
+    return torch.where(best > 0, index + 1, 0).to(torch.float32)
+
+
+def instance_labels(label: np.ndarray, split_touching: bool = False, min_depth: float = 2.0) -> np.ndarray:
+    """Number every connected object of every class 1, 2, 3, ... (classes one after another).
+
+    With ``split_touching``, touching objects are split by a watershed on the distance to the
+    background, seeded at its maxima that rise at least ``min_depth`` px above the neck
+    joining them to another (so a waist narrower than the objects by that much separates them).
+    """
+    out = np.zeros(label.shape, np.int32)
+    next_id = 1
+    for cls in (c for c in np.unique(label) if c > 0):
+        mask = label == cls
+        if split_touching:
+            from skimage.morphology import h_maxima
+            from skimage.segmentation import watershed
+
+            distance = ndimage.distance_transform_edt(mask)
+            markers, _ = ndimage.label(h_maxima(distance, min_depth))  # a plateau is one seed
+            regions = watershed(-distance, markers, mask=mask)
+        else:
+            regions, _ = ndimage.label(mask)
+        ids = np.unique(regions[regions > 0])
+        remap = np.zeros(int(regions.max()) + 1, np.int32)
+        remap[ids] = np.arange(next_id, next_id + len(ids))
+        out[mask] = remap[regions[mask]]
+        next_id += len(ids)
+    return out
+
+
+class LogitsToLabeld(MapTransform):
+    """Logits -> label map, see ``logits_to_label``."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = logits_to_label(d[key])
+        return d
+
+
+class InstanceLabelsd(MapTransform):
+    """Label map -> instance labels (cells and particles counted one by one), see ``instance_labels``."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        enabled: bool = True,
+        split_touching: bool = False,
+        min_depth: float = 2.0,
+        **kw,
+    ):
+        super().__init__(keys, kw.pop("allow_missing_keys", False))
+        self.enabled, self.split_touching, self.min_depth = flag(enabled), flag(split_touching), min_depth
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            label = torch.as_tensor(d[key])[0].round().to(torch.int64).cpu().numpy()
+            instances = instance_labels(label, self.split_touching, self.min_depth)
+            d[key] = torch.from_numpy(instances[None].astype(np.float32))
+        return d
+
+
+class WriteLabeld(MapTransform):
+    """Write each (1, *spatial) label in its input's format and geometry (``scripts.io.writers``);
+    the written path goes to ``<key>_path``. Two inputs of one name (``a/x.png``, ``b/x.png``, or
+    a DICOM folder ``ct_1`` beside ``ct_1.nii.gz``) get ``x_seg.png`` and ``x_seg_2.png``."""
+
+    def __init__(
+        self, keys: KeysCollection = "pred", ref_key: str = "image", output_dir: str = ".", postfix: str = "seg", **kw
+    ):
+        super().__init__(keys, kw.pop("allow_missing_keys", False))
+        self.ref_key, self.output_dir, self.postfix = ref_key, output_dir, postfix
+        self.written: dict[Path, str] = {}  # output -> the input it was written for, in this run
+
+    def _path_for(self, meta: dict) -> Path:
+        path = output_path(meta, self.output_dir, self.postfix)
+        suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        source, candidate, n = str(meta["filename_or_obj"]), path, 1
+        while self.written.get(candidate, source) != source:
+            n += 1
+            candidate = path.with_name(f"{path.name[: -len(suffix)]}_{n}{suffix}")
+        self.written[candidate] = source
+        return candidate
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        meta = dict(meta_of(d, self.ref_key))
+        meta["affine"] = np.asarray(torch.as_tensor(meta["affine"]).reshape(4, 4).cpu(), dtype=np.float64)
+        meta["spatial_shape"] = tuple(meta_int(s) for s in meta["spatial_shape"])
+        for key in self.key_iterator(d):
+            label = torch.as_tensor(d[key])[0].round().to(torch.int64).cpu().numpy()
+            path = self._path_for(meta)
+            d[f"{key}_path"] = str(write_label(label, meta, self.output_dir, self.postfix, path=path))
+        return d

@@ -1,0 +1,7 @@
+"""`make demo` runs ``python -m scripts.demo`` from ``bundle/``."""
+
+import fire
+
+from .run import main
+
+fire.Fire(main)

@@ -1,0 +1,51 @@
+"""Inference over many files: bad files are reported and skipped, the rest processed, and the
+run ends with a summary and a non-zero exit status if anything failed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from ..data.datasets import DEFAULT_MAX_VOXELS, check_case
+
+logger = logging.getLogger(__name__)
+
+
+class Screening:
+    """Checks every input before inference starts (headers, then pixels); ``good`` lists
+    the cases to run, ``failures`` the others with their problems."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]], max_voxels: int = DEFAULT_MAX_VOXELS):
+        self.good: list[dict] = []
+        self.failures: list[str] = []
+        for item in items:
+            problems = check_case(item, max_voxels=max_voxels, require_label=False)
+            if problems:
+                self.failures += problems
+                logger.error("skipped: %s", "; ".join(problems))
+            else:
+                self.good.append(dict(item))
+        if not items:
+            self.failures.append("no input images found")
+        self.written: list[tuple[str, str]] = []  # (input, output)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+
+    def _collect(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            if "pred_path" in item:
+                self.written.append((str(item["image"].meta["filename_or_obj"]), item["pred_path"]))
+
+    def finish(self) -> None:
+        """Log the summary; exit with status 1 if any input failed."""
+        logger.info("inference: %d written, %d failed", len(self.written), len(self.failures))
+        for source, path in self.written:
+            logger.info("  wrote %s -> %s", source, path)
+        for problem in self.failures:
+            logger.error("  failed %s", problem)
+        if self.failures:
+            raise SystemExit(1)

@@ -1,0 +1,202 @@
+"""Dataset discovery and the up-front check: every bad input named with its file and problem."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from scripts.data.datasets import DatasetError, check_case, check_dataset, held_out, load_datalist
+from scripts.demo.synthetic import ct_affine, ct_case, write_dicom_series
+
+
+def _png(path: Path, array: np.ndarray) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def _cells(rng=None) -> np.ndarray:
+    rng = rng or np.random.default_rng(0)
+    return rng.integers(0, 255, (32, 40)).astype(np.uint8)
+
+
+def _mask(value: int = 1) -> np.ndarray:
+    mask = np.zeros((32, 40), np.uint8)
+    mask[5:15, 5:20] = value
+    return mask
+
+
+def test_dataset_json_sections(synthetic):
+    root = synthetic / "ct"
+    train, val, test = (load_datalist(root, s) for s in ("training", "validation", "test"))
+    assert (len(train), len(val)) == (4, 2)
+    assert all(Path(it["image"]).is_absolute() and Path(it["label"]).is_file() for it in train + val)
+    assert test[0]["image"].endswith("dicom/ct_004") and len(test) == 3 and "label" not in test[0]
+
+
+def test_images_and_labels_folders_with_deterministic_split(tmp_path, caplog):
+    for i in range(10):
+        _png(tmp_path / "imagesTr" / f"case{i}.png", _cells())
+        _png(tmp_path / "labelsTr" / f"case{i}.png", _mask())
+    (tmp_path / "imagesTr" / "README.txt").write_text("notes")
+    _png(tmp_path / "imagesTs" / "new.png", _cells())
+    with caplog.at_level(logging.INFO, logger="scripts.data.datasets"):
+        train = load_datalist(tmp_path, "training")
+    assert "ignored" in caplog.text and "README.txt" in caplog.text
+    val = load_datalist(tmp_path, "validation")
+    assert (len(train), len(val)) == (8, 2)
+    assert {Path(i["image"]).name for i in train}.isdisjoint(Path(i["image"]).name for i in val)
+    assert all(Path(i["label"]).name == Path(i["image"]).name for i in train)
+    assert val == load_datalist(tmp_path, "validation")  # the same split every time
+    assert [Path(i["image"]).name for i in load_datalist(tmp_path, "test")] == ["new.png"]
+
+
+def test_split_does_not_depend_on_order():
+    items = [{"image": f"/x/case{i}.png"} for i in range(20)]
+    names = [sorted(i["image"] for i in held_out(order, 0.2)[1]) for order in (items, items[::-1])]
+    assert names[0] == names[1] and len(names[0]) == 4
+
+
+def test_test_section_falls_back_to_loose_files_and_single_file(tmp_path):
+    _png(tmp_path / "a.png", _cells())
+    _png(tmp_path / "b.png", _cells())
+    (tmp_path / "results.csv").write_text("x")
+    assert [Path(i["image"]).name for i in load_datalist(tmp_path, "test")] == ["a.png", "b.png"]
+    assert load_datalist(tmp_path / "a.png", "test") == [{"image": str((tmp_path / "a.png").resolve())}]
+
+
+def test_good_synthetic_datasets_pass(synthetic):
+    for modality, label_map in (("microscopy", None), ("ct", None), ("endoscopy", {255: 1})):
+        check_dataset(
+            load_datalist(synthetic / modality) + load_datalist(synthetic / modality, "validation"), label_map=label_map
+        )
+
+
+def _problems(item, **kw) -> str:
+    found = check_case(item, **kw)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_unreadable_and_empty_files(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    assert _problems({"image": str(tmp_path / "broken.png")}).startswith(f"{tmp_path / 'broken.png'}: unreadable PNG")
+    (tmp_path / "empty.tif").write_bytes(b"")
+    assert _problems({"image": str(tmp_path / "empty.tif")}) == f"{tmp_path / 'empty.tif'}: empty file"
+
+
+def test_truncated_nifti(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    data = np.random.default_rng(0).normal(size=(40, 40, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    assert _problems({"image": str(path)}).startswith(f"{path}: unreadable NIfTI file")
+
+
+def test_dicom_with_truncated_pixel_data(tmp_path):
+    rng = np.random.default_rng(1)
+    volume, _ = ct_case(rng, shape=(32, 28, 6))
+    write_dicom_series(volume, ct_affine(rng), tmp_path / "series", seed=0)
+    victim = tmp_path / "series" / "slice_003.dcm"
+    victim.write_bytes(victim.read_bytes()[:-500])
+    message = _problems({"image": str(tmp_path / "series")}, require_label=False)
+    assert message.startswith(f"{tmp_path / 'series'}:") and "slice_003.dcm" in message and "unreadable" in message
+
+
+def test_shape_mismatch_and_missing_label(tmp_path):
+    image = _png(tmp_path / "img.png", _cells())
+    label = _png(tmp_path / "lab.png", np.zeros((30, 40), np.uint8))
+    assert _problems({"image": image, "label": label}) == (
+        f"{label}: label shape (30, 40) differs from image shape (32, 40)"
+    )
+    assert _problems({"image": image, "label": str(tmp_path / "nope.png")}) == (
+        f"{image}: missing label ({tmp_path / 'nope.png'} does not exist)"
+    )
+    assert _problems({"image": image}) == f"{image}: missing label"
+
+
+def test_label_values_outside_the_classes(tmp_path):
+    image = _png(tmp_path / "img.png", _cells())
+    label = _png(tmp_path / "lab.png", _mask(255))
+    message = _problems({"image": image, "label": label})
+    assert message.startswith(f"{label}: label values 255 are not among the declared classes [1]")
+    assert check_case({"image": image, "label": label}, label_map={255: 1}) == []
+    assert check_case({"image": image, "label": label}, classes=[255]) == []
+
+
+def test_five_dimensional_tiff(tmp_path):
+    path = tmp_path / "hyper.tif"
+    tifffile.imwrite(path, np.zeros((2, 3, 2, 16, 16), np.uint16), photometric="minisblack", metadata={"axes": "TZCYX"})
+    assert "unsupported TIFF dimensionality" in _problems({"image": str(path)})
+
+
+def test_nan_inf_and_constant_images(tmp_path):
+    data = np.random.default_rng(2).normal(size=(20, 20, 10)).astype(np.float32)
+    data[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    assert _problems({"image": str(tmp_path / "nan.nii.gz")}, require_label=False).endswith("NaN or infinite values")
+    tifffile.imwrite(tmp_path / "inf.tif", np.full((20, 20), np.inf, np.float32))
+    assert "NaN or infinite" in _problems({"image": str(tmp_path / "inf.tif")}, require_label=False)
+    flat = _png(tmp_path / "flat.png", np.full((20, 20), 9, np.uint8))
+    assert _problems({"image": flat}, require_label=False) == f"{flat}: constant image (every value is 9)"
+
+
+def test_tiny_image(tmp_path):
+    small = _png(tmp_path / "small.png", np.arange(5 * 30, dtype=np.uint8).reshape(5, 30))
+    assert _problems({"image": small}, require_label=False) == (f"{small}: image of shape (5, 30) is smaller than 8 px")
+
+
+def test_pixel_budget_is_checked_from_the_header(tmp_path):
+    # A header announcing 4096^3 voxels in front of almost no data: refused by the budget,
+    # not by reading (which would run out of memory for a real file of that size).
+    header = nib.Nifti1Header()
+    header.set_data_shape((4096, 4096, 4096))
+    header.set_data_dtype(np.int16)
+    path = tmp_path / "huge.nii.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(header.binaryblock + b"\0" * 4 + b"\0" * 1000)
+    message = _problems({"image": str(path)})
+    assert message.startswith(f"{path}: 68,719,476,736 values") and "max_voxels=268,435,456" in message
+    big = _png(tmp_path / "big.png", _cells())
+    assert "exceed the budget max_voxels=1,000" in _problems({"image": big}, max_voxels=1000)
+
+
+def test_check_dataset_lists_every_problem(tmp_path):
+    good = {"image": _png(tmp_path / "ok.png", _cells()), "label": _png(tmp_path / "ok_l.png", _mask())}
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    bad = {"image": str(tmp_path / "bad.png"), "label": good["label"]}
+    flat = {"image": _png(tmp_path / "flat.png", np.zeros((32, 40), np.uint8)), "label": good["label"]}
+    with pytest.raises(DatasetError) as info:
+        check_dataset([good, bad, flat])
+    assert len(info.value.problems) == 2
+    assert "bad.png: unreadable PNG" in str(info.value) and "flat.png: constant image" in str(info.value)
+    with pytest.raises(DatasetError, match="no cases found"):
+        check_dataset([])
+
+
+def test_missing_dataset_folder(tmp_path):
+    with pytest.raises(DatasetError, match="no such dataset folder"):
+        load_datalist(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="neither dataset.json nor imagesTr/"):
+        load_datalist(tmp_path)
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="dataset.json: not valid JSON"):
+        load_datalist(tmp_path)
+
+
+def test_dataset_json_paths_and_copy(tmp_path, synthetic):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic / "microscopy", copy)
+    spec = json.loads((copy / "dataset.json").read_text())
+    assert spec["numTraining"] == 4 and spec["labels"] == {"0": "background", "1": "cell"}
+    assert all(Path(i["image"]).is_relative_to(copy.resolve()) for i in load_datalist(copy))

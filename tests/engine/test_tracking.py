@@ -1,0 +1,170 @@
+"""MLflow tracking: a local SQLite store by default, a real server on request, one run per invocation."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import monai_bundle
+
+TRAIN = "configs/train.yaml"
+EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
+PARAMS = {
+    "sam_variant", "sam_checkpoint", "backbone_fingerprint", "n_md_prompts", "n_ie_prompts", "num_classes",
+    "learning_rate", "epochs", "batch_size", "seed", "n_training_images", "scale", "cache_embeddings",
+}  # fmt: skip
+
+
+def _args(synthetic: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--sam_variant", "tiny", "--dataset_dir", str(synthetic / "microscopy"),
+        "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"), *extra,
+    ]  # fmt: skip
+
+
+def _runs(uri: str, experiment: str = "ptsam"):
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]) if found else []
+    return client, runs
+
+
+def _store(out: Path) -> str:
+    return f"sqlite:///{out / 'eval' / 'mlruns.db'}"
+
+
+def test_training_is_tracked_in_the_local_store(synthetic, tmp_path):
+    done = monai_bundle("run", "training", "--config_file", TRAIN, *_args(synthetic, tmp_path, "--epochs", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _runs(_store(tmp_path))
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("train-")
+    assert PARAMS <= set(run.data.params)
+    assert run.data.params["n_training_images"] == "4" and run.data.params["sam_variant"] == "tiny"
+    assert run.data.tags["bundle_version"] == "0.1.0" and run.data.tags["kind"] == "train"
+    # 4 training images, batch 4: one iteration per epoch
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [1, 2] and len(client.get_metric_history(run.info.run_id, "lr")) == 2
+    dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
+    assert [m.step for m in dice] == [1, 2] and all(0 <= m.value <= 1 for m in dice)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "config"} <= artifacts
+    config = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert config == {"config/resolved_config.json", "config/command.txt"}
+    resolved = client.download_artifacts(run.info.run_id, "config/resolved_config.json", str(tmp_path))
+    assert '"sam_variant": "tiny"' in Path(resolved).read_text() and '"epochs": 2' in Path(resolved).read_text()
+    # a second invocation, even with the same run name, is a second run
+    again = monai_bundle(
+        "run", "training", "--config_file", TRAIN,
+        *_args(synthetic, tmp_path, "--epochs", "1", "--resume", "false", "--run_name", runs[0].info.run_name),
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(_runs(_store(tmp_path))[1]) == 2
+
+
+def test_evaluation_is_tracked(synthetic, tmp_path):
+    trained = monai_bundle("run", "training", "--config_file", TRAIN, *_args(synthetic, tmp_path, "--epochs", "1"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    overlays = ("--n_overlays", "1")
+    done = monai_bundle("run", "evaluating", "--config_file", EVALUATE, *_args(synthetic, tmp_path, *overlays))
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _runs(_store(tmp_path))
+    evaluation = [r for r in runs if r.data.tags["kind"] == "evaluate"]
+    assert len(evaluation) == 1 and evaluation[0].data.params["n_images"] == "2"
+    assert 0 <= evaluation[0].data.metrics["val_mean_dice"] <= 1
+    artifacts = {a.path for a in client.list_artifacts(evaluation[0].info.run_id)}
+    assert {"metrics.csv", "overlays", "model.pt"} <= artifacts
+
+
+def test_tracking_switched_off(synthetic, tmp_path):
+    done = monai_bundle(
+        "run", "training", "--config_file", TRAIN,
+        *_args(synthetic, tmp_path, "--epochs", "1", "--tracking_enabled", "false"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "eval" / "mlruns.db").exists()
+
+
+def test_monai_tracking_flag_never_logs_twice(synthetic, tmp_path):
+    done = monai_bundle(
+        "run", "training", "--config_file", TRAIN, "--tracking", "mlflow",
+        *_args(synthetic, tmp_path, "--epochs", "2"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _runs(_store(tmp_path))
+    assert len(runs) == 1
+    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
+    # with the bundle's own tracking off, MONAI's handler records the run by itself
+    alone = tmp_path / "alone"
+    done = monai_bundle(
+        "run", "training", "--config_file", TRAIN, "--tracking", "mlflow",
+        *_args(synthetic, alone, "--epochs", "2", "--tracking_enabled", "false"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _runs(_store(alone))  # MONAI's handler uses the bundle's experiment_name
+    assert len(runs) == 1 and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast_before_training(synthetic, tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    start = time.time()
+    done = monai_bundle("run", "training", "--config_file", TRAIN, *_args(synthetic, tmp_path, "--tracking_uri", uri))
+    assert done.returncode != 0 and time.time() - start < 60
+    assert f"MLflow tracking server {uri} is unreachable" in done.stderr
+    assert not (tmp_path / "models" / "model.pt").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    import requests
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(uri + "/health", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the MLflow server did not start within 120 s")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_training_against_a_real_mlflow_server(synthetic, tmp_path, mlflow_server):
+    done = monai_bundle(
+        "run", "training", "--config_file", TRAIN,
+        *_args(synthetic, tmp_path, "--epochs", "2", "--tracking_uri", mlflow_server),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _runs(mlflow_server)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert PARAMS <= set(runs[0].data.params)
+    assert len(client.get_metric_history(runs[0].info.run_id, "val_mean_dice")) == 2
+    assert "model.pt" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert not (tmp_path / "eval" / "mlruns.db").exists()  # nothing went to the local store

@@ -1,0 +1,44 @@
+"""What tests share besides fixtures: the repository's paths, quiet construction, stock SAM,
+and running `python -m monai.bundle` as a user does. (`tests/` is on sys.path: pyproject.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from scripts.model.sam import build_sam, get_variant, random_sam_weights
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+RESOURCES = Path(__file__).resolve().parent / "resources"
+
+
+def quiet(fn, *args, **kwargs):
+    """Call ``fn`` with the random-weights / not-a-real-model warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fn(*args, **kwargs)
+
+
+def stock_sam(variant: str = "tiny", seed: int = 0) -> torch.nn.Module:
+    """segment-anything's own ``Sam`` with seeded random weights."""
+    sam = build_sam(get_variant(variant))
+    random_sam_weights(sam, seed)
+    return sam
+
+
+def monai_bundle(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ...`` from the bundle folder, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "monai.bundle", *args],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+    )

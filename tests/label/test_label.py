@@ -1,0 +1,264 @@
+"""The bundle as a live model in the real MONAI Label 0.8.5 server (loopback only).
+
+The server runs from its own environment (`make label-setup`, about 90 s the first time), with
+`label/start.py` as `make label` starts it, on a copy of the bundle whose `model.pt` holds
+untrained prompts for the `tiny` generalist."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from helpers import BUNDLE, REPO, quiet
+from scripts.demo.synthetic import write_dicom_series
+from scripts.model.network import PTSAM
+from scripts.model.prompt_file import save_prompts
+
+pytestmark = pytest.mark.slow
+
+LABEL_PY = REPO / ".venv-label" / "bin" / "python"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body) of one HTTP request; HTTP errors are answers too."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def _text(log: Path) -> str:
+    return log.read_text(encoding="utf-8", errors="replace")  # progress bars; the locale may be ASCII
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def label_env() -> Path:
+    done = subprocess.run(["make", "-s", "label-setup"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return LABEL_PY
+
+
+def _start_server(label_env: Path, generalist: Path, bundle: Path, studies: Path, log: Path):
+    """`make label`'s start script on a free port, once it answers: (base URL, log, process)."""
+    port = _free_port()
+    env = {**os.environ, "SAM_CHECKPOINT": str(generalist), "SAM_VARIANT": "tiny", "PYTHONPATH": ""}
+    command = [str(label_env), str(REPO / "label" / "start.py"), "--studies", str(studies)]
+    command += ["--port", str(port), "--bundle", str(bundle)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        assert proc.poll() is None, f"the server exited: {_text(log)[-3000:]}"
+        assert time.time() < deadline, f"the server did not answer: {_text(log)[-3000:]}"
+        try:
+            if _request(f"{base}/info/")[0] == 200:
+                return base, log, proc
+        except OSError:
+            time.sleep(0.5)
+
+
+def _bundle_copy(target: Path) -> Path:
+    skip = shutil.ignore_patterns("eval", "predictions", "*.pt", "*.ckpt", "__pycache__")
+    shutil.copytree(BUNDLE, target, ignore=skip)
+    return target
+
+
+@pytest.fixture(scope="module")
+def server(label_env, generalist, tmp_path_factory):
+    """A running server: (base URL, bundle copy, studies folder, work folder, log, process)."""
+    from scripts.demo.synthetic import generate
+
+    root = tmp_path_factory.mktemp("label")
+    bundle = _bundle_copy(root / "ptsam")
+    torch.manual_seed(0)
+    net = quiet(PTSAM, "tiny", str(generalist))
+    save_prompts(net, bundle / "models" / "model.pt")
+
+    data = root / "synthetic"
+    generate(str(data), seed=1, n_train=3, n_val=0, modalities="microscopy,ct")
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    shutil.copy(data / "ct" / "imagesTr" / "ct_000.nii.gz", studies)
+    shutil.copy(data / "ct" / "labelsTr" / "ct_000.nii.gz", studies / "labels" / "final")
+    for i in range(3):  # with the volume, four labelled images: MONAI Label gives 3 to train, 1 to validate
+        shutil.copy(data / "microscopy" / "imagesTr" / f"cells_{i:03d}.tif", studies)
+        shutil.copy(data / "microscopy" / "labelsTr" / f"cells_{i:03d}.tif", studies / "labels" / "final")
+    ct = nib.load(data / "ct" / "imagesTr" / "ct_000.nii.gz")
+    write_dicom_series(np.asarray(ct.dataobj), ct.affine, root / "dicom" / "ct_000", seed=0)  # as a DICOMweb pull
+    (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    field = (data / "microscopy" / "imagesTr" / "cells_001.tif").read_bytes()
+    (studies / "truncated.tif").write_bytes(field[: len(field) // 2])  # its header reads, its pixels do not
+    (root / "notes.txt").write_text("not an image")
+
+    base, log, proc = _start_server(label_env, generalist, bundle, studies, root / "server.log")
+    yield base, bundle, studies, root, log, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _infer(base: str, image: str, params: dict | None = None) -> tuple[int, bytes, dict]:
+    query = urllib.parse.urlencode({"image": image, "output": "image"})
+    body, headers = None, {}
+    if params:  # MONAI Label takes per-request options as a `params` form field holding JSON
+        body = f'--b0\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n--b0--\r\n'
+        body, headers = body.encode(), {"Content-Type": "multipart/form-data; boundary=b0"}
+    status, headers, body = _request(f"{base}/infer/ptsam?{query}", "POST", body, headers)
+    return status, body, headers
+
+
+def _infer_file(base: str, image: str, tmp_path: Path, suffix: str) -> Path:
+    status, body, _ = _infer(base, image)
+    assert status == 200, body[-2000:]
+    out = tmp_path / f"{Path(image).name}{suffix}"
+    out.write_bytes(body)
+    return out
+
+
+def _train(base: str, log: Path, max_epochs: int = 1) -> None:
+    """POST /train/ptsam and wait until it is done."""
+    request = json.dumps({"max_epochs": max_epochs}).encode()
+    status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
+    assert status == 200, body
+    deadline = time.time() + 300
+    while (state := json.loads(_request(f"{base}/train/")[2])).get("status") in ("SUBMITTED", "RUNNING"):
+        assert time.time() < deadline, "training did not finish"
+        time.sleep(0.5)
+    assert state.get("status") == "DONE", (state, _text(log)[-3000:])
+
+
+def test_info_lists_the_model_and_its_labels(server):
+    base = server[0]
+    status, _, body = _request(f"{base}/info/")
+    info = json.loads(body)
+    model = info["models"]["ptsam"]
+    assert status == 200 and model["type"] == "segmentation"
+    assert model["labels"] == {"foreground": 1}  # metadata.json's channel_def, background left out
+    assert model["config"]["instance_labels"] is False  # inference.yaml's displayable_configs
+    assert "ptsam" in info["trainers"]
+
+
+def test_infer_train_infer(server, tmp_path):
+    base, bundle, studies, root, log, _ = server
+    tiff = tifffile.imread(studies / "cells_000.tif")
+    before = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_before.tif"))
+    assert before.shape == tiff.shape and set(np.unique(before)) <= {0, 1}
+    status, body, _ = _infer(base, "cells_000", {"instance_labels": True})  # an option of this request only
+    assert status == 200, body[-2000:]
+    (tmp_path / "instances.tif").write_bytes(body)
+    instances = tifffile.imread(tmp_path / "instances.tif")
+    assert np.array_equal(instances > 0, before > 0) and instances.max() > 1  # the same pixels, numbered
+
+    volume = nib.load(studies / "ct_000.nii.gz")
+    label = nib.load(_infer_file(base, "ct_000", tmp_path, ".nii.gz"))
+    assert label.shape == volume.shape  # slice by slice, in the volume's own geometry
+    assert np.allclose(label.affine, volume.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+    # A DICOM series folder on the server (what MONAI Label passes on from a DICOMweb store):
+    # a NIfTI label in the series' geometry, read there with pydicom 2.4.
+    series = nib.load(_infer_file(base, str(root / "dicom" / "ct_000"), tmp_path, ".nii.gz"))
+    assert series.shape == volume.shape and np.allclose(series.affine, volume.affine, atol=1e-4)
+
+    model = bundle / "models" / "model.pt"
+    old = _sha(model)
+    _train(base, log)
+    assert _sha(model) != old, f"model.pt unchanged: {_text(log)[-3000:]}"
+
+    after = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_after.tif"))
+    assert after.shape == tiff.shape and set(np.unique(after)) <= {0, 1}  # options last one request
+    print(f"foreground pixels before training {int(before.sum())}, after {int(after.sum())}")
+    assert (after != before).any(), "the next inference did not use the new model.pt"
+
+    # The run is in the bundle's MLflow store, with MONAI Label's datalist (3 train, 1 validation).
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["epochs"] == "1" and "val_mean_dice" in runs[0].data.metrics
+    assert runs[0].data.params["n_training_images"] == "3"
+
+    # A second /train is a new run from the new model.pt, not a resumed (finished) first run.
+    trained = _sha(model)
+    _train(base, log)
+    assert _sha(model) != trained and "resumed from" not in _text(log)
+    assert len(client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])) == 2
+
+
+def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path):
+    base, _, studies, root, _, _ = server
+    status, body, _ = _infer(base, "no_such_image")
+    assert status == 404 and "no image 'no_such_image' in the datastore" in json.loads(body)["detail"]
+
+    status, body, _ = _infer(base, str(root / "notes.txt"))  # a path on the server
+    detail = json.loads(body)["detail"]
+    assert status == 415 and "notes.txt: not a supported image file" in detail
+
+    status, body, _ = _infer(base, "broken")  # listed by the datastore, unreadable
+    detail = json.loads(body)["detail"]
+    assert status == 422 and "broken.png" in detail
+
+    status, body, _ = _infer(base, "truncated")  # found out while reading, not up front
+    detail = json.loads(body)["detail"]
+    assert status == 422 and "truncated.tif: unreadable TIFF file" in detail
+
+    assert _request(f"{base}/info/")[0] == 200
+    assert _infer(base, "cells_001")[0] == 200
+
+
+def test_server_stops_cleanly(server):
+    base, *_, log, proc = server
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, _text(log)[-2000:]
+    with pytest.raises(OSError):
+        _request(f"{base}/info/")
+
+
+def test_a_bundle_without_model_pt_serves_once_trained(label_env, generalist, tmp_path):
+    """As a new user starts: nothing trained yet. Inference says so; after /train it works."""
+    from scripts.demo.synthetic import generate
+
+    bundle = _bundle_copy(tmp_path / "ptsam")
+    generate(str(tmp_path / "synthetic"), seed=2, n_train=3, n_val=0, modalities="microscopy")
+    studies = tmp_path / "studies"
+    shutil.copytree(tmp_path / "synthetic" / "microscopy" / "imagesTr", studies)
+    shutil.copytree(tmp_path / "synthetic" / "microscopy" / "labelsTr", studies / "labels" / "final")
+    base, log, proc = _start_server(label_env, generalist, bundle, studies, tmp_path / "server.log")
+    try:
+        info = json.loads(_request(f"{base}/info/")[2])
+        assert "ptsam" not in info["models"] and "ptsam" in info["trainers"]
+        status, body, _ = _infer(base, "cells_000")
+        assert status == 409 and "no trained prompts yet" in json.loads(body)["detail"]
+        _train(base, log)
+        assert (bundle / "models" / "model.pt").is_file()
+        assert _infer(base, "cells_000")[0] == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,119 @@
+"""Evaluation and inference workflows: metrics that recompute, outputs in the inputs' geometry,
+bad inputs reported while the rest is processed."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import monai_bundle
+from scripts.data.io import read_image
+
+EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic, tmp_path_factory) -> Path:
+    """A `tiny` model trained for 2 epochs on the synthetic microscopy data."""
+    out = tmp_path_factory.mktemp("trained")
+    done = monai_bundle(
+        "run", "training", "--config_file", "configs/train.yaml", "--sam_variant", "tiny", "--epochs", "2",
+        "--dataset_dir", str(synthetic / "microscopy"),
+        "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _infer(dataset: Path, trained: Path, out: Path, *extra: str):
+    return monai_bundle(
+        "run", "inference", "--config_file", "configs/inference.yaml", "--sam_variant", "tiny",
+        "--dataset_dir", str(dataset), "--ckpt_dir", str(trained / "models"), "--output_dir", str(out), *extra,
+    )  # fmt: skip
+
+
+def test_evaluation_csv_matches_a_recomputation(synthetic, trained, tmp_path):
+    done = monai_bundle(
+        "run", "evaluating", "--config_file", EVALUATE, "--sam_variant", "tiny",
+        "--dataset_dir", str(synthetic / "microscopy"), "--output_dir", str(tmp_path / "eval"),
+        "--ckpt_dir", str(trained / "models"), "--n_overlays", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "foreground" in done.stdout and "Dice" in done.stdout
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
+    assert len(rows) == 2 and {r["class"] for r in rows} == {"foreground"}
+    assert all(0 <= float(r[k]) <= 1 for r in rows for k in ("dice", "iou"))
+    assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 1
+    # The same model's written predictions, compared with the labels independently.
+    infer = _infer(synthetic / "microscopy", trained, tmp_path / "pred")
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    for row in rows:
+        image = Path(row["image"])
+        pred, _ = read_image(tmp_path / "pred" / f"{image.stem}_seg.tif")
+        truth, _ = read_image(image.parent.parent / "labelsTr" / image.name)
+        inter = np.logical_and(pred > 0, truth > 0).sum()
+        total = (pred > 0).sum() + (truth > 0).sum()
+        dice = 1.0 if total == 0 else 2 * inter / total
+        assert abs(dice - float(row["dice"])) < 1e-6
+        assert int(row["truth_voxels"]) == (truth > 0).sum() and int(row["pred_voxels"]) == (pred > 0).sum()
+
+
+def test_inference_keeps_shape_and_geometry_of_volumes_and_dicom(synthetic, trained, tmp_path):
+    done = _infer(synthetic / "ct", trained, tmp_path, "--intensity", "window")
+    assert done.returncode == 0, done.stderr[-3000:]
+    pairs = dict(line.split("wrote ", 1)[1].split(" -> ") for line in done.stdout.splitlines() if " wrote " in line)
+    # the test list: the DICOM series ct_004, its NIfTI twin ct_004.nii.gz, and ct_005.nii.gz
+    assert len(pairs) == 3 and len(set(pairs.values())) == 3
+    for source, written in pairs.items():
+        image, meta = read_image(source)
+        pred, pred_meta = read_image(written)
+        assert pred.shape == (1, *image.shape[1:]) and written.endswith(".nii.gz")
+        assert np.allclose(pred_meta["affine"], meta["affine"], atol=1e-4)
+
+
+def test_bad_file_is_reported_and_the_rest_processed(synthetic, trained, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("cells_004.tif", "cells_005.tif"):
+        shutil.copy(synthetic / "microscopy" / "imagesTr" / name, folder / name)
+    (folder / "broken.tif").write_bytes(b"II*\x00 not a real tiff")
+    (folder / "notes.txt").write_text("ignored")
+    done = _infer(folder, trained, tmp_path / "out")
+    assert done.returncode == 1
+    assert "broken.tif: unreadable TIFF file" in done.stdout + done.stderr
+    assert "2 written, 1 failed" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cells_004_seg.tif", "cells_005_seg.tif"]
+
+
+def test_missing_model_is_a_clear_error(synthetic, tmp_path):
+    done = _infer(synthetic / "microscopy", tmp_path, tmp_path / "out")
+    assert done.returncode != 0
+    assert f"no trained prompts at {tmp_path / 'models' / 'model.pt'}: train first" in done.stderr
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_crafted_pickle_as_model_is_refused(synthetic, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(pickle.dumps(_Payload()))
+    done = _infer(synthetic / "microscopy", tmp_path, tmp_path / "out")
+    assert done.returncode != 0 and "cannot be read as a weights-only PyTorch file" in done.stderr
+    assert not (Path("PWNED").exists() or (tmp_path / "PWNED").exists())
+
+
+def test_native_scale_inference(synthetic, trained, tmp_path):
+    done = _infer(synthetic / "microscopy", trained, tmp_path, "--scale", "native")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for written in tmp_path.glob("*_seg.tif"):
+        image, _ = read_image(synthetic / "microscopy" / "imagesTr" / written.name.replace("_seg", ""))
+        assert read_image(written)[0].shape == (1, *image.shape[1:])

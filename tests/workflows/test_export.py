@@ -1,0 +1,45 @@
+"""Deployment exports of the whole network with the prompts baked in: TorchScript and ONNX."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime
+import torch
+
+from helpers import BUNDLE, monai_bundle, quiet
+from scripts.export import build_network, export_onnx, onnx_difference
+from scripts.model.network import PTSAM
+from scripts.model.prompt_file import save_prompts
+
+
+def _trained(tmp_path) -> tuple[PTSAM, str]:
+    net = quiet(PTSAM, "tiny", n_md_prompts=8).eval()
+    with torch.no_grad():
+        net.md_prompts.tokens.add_(torch.randn_like(net.md_prompts.tokens))
+    return net, str(save_prompts(net, tmp_path / "models" / "model.pt"))
+
+
+def test_torchscript_through_monai_ckpt_export(tmp_path):
+    net, model = _trained(tmp_path)
+    done = monai_bundle(
+        "ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", model,
+        "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml",
+        "--sam_variant", "tiny", "--use_trace", "True", "--input_shape", "[1, 3, 256, 256]",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    image = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        assert (exported(image) - net(image)).abs().max() <= 1e-4
+
+
+def test_onnx_with_dynamic_batch(tmp_path):
+    net, model = _trained(tmp_path)
+    built = quiet(build_network, str(BUNDLE / "configs" / "inference.yaml"), sam_variant="tiny", model_path=model)
+    assert torch.equal(built.md_prompts.tokens, net.md_prompts.tokens)  # the trained prompts, baked in
+    path = export_onnx(built, tmp_path / "model.onnx")
+    assert onnx_difference(built, path, batch=3) <= 1e-4
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert np.abs(session.run(None, {"image": image.numpy()})[0] - net(image).numpy()).max() <= 1e-4
