@@ -178,6 +178,7 @@ def bench_workflows(variant: str = "vit_b", epochs: int = 2) -> dict[str, float]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(generate(tmp, seed=0, n_train=8, n_val=2, modalities="microscopy")["microscopy"]).parent
         common = {"bundle_root": str(ROOT / "bundle"), "dataset_dir": str(data), "sam_variant": variant}
+        common["allow_random_weights"] = True  # timing only: no weights on the benchmark machine
         for ckpt, amp in ((False, False), (True, False), (False, True), (True, True)):
             name = f"{'ckpt' if ckpt else 'plain'}_{'amp' if amp else 'fp32'}"
             torch.cuda.empty_cache()

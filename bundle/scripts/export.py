@@ -10,10 +10,15 @@ in — for deployment without this bundle.
 - ONNX (dynamic batch), checked against PyTorch with onnxruntime when it is installed::
 
     python -m scripts.export --filepath models/model.onnx [--sam_checkpoint ...]
+
+  The ONNX file carries the training's preprocessing recipe (``scripts.engine.recipe``) as
+  JSON in its metadata (``ptsam_recipe``): a deployment without this bundle must prepare
+  images the same way.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -22,21 +27,41 @@ from typing import Any
 import torch
 
 from .engine.distributed import unwrap
-from .model.prompt_file import load_prompts
+from .model.prompt_file import RECIPE_KEY, load_prompts
 
 logger = logging.getLogger(__name__)
 
 
-def build_network(config_file: str = "configs/inference.yaml", **overrides: Any) -> torch.nn.Module:
-    """The configured network with its trained prompts (``model_path``) loaded, on the CPU, in eval mode."""
+def _parser(config_file: str, overrides: dict[str, Any]) -> Any:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.update({"device": "$torch.device('cpu')", **overrides})
+    return parser
+
+
+def build_network(config_file: str = "configs/inference.yaml", **overrides: Any) -> torch.nn.Module:
+    """The configured network with its trained prompts (``model_path``) loaded, on the CPU, in eval mode."""
+    parser = _parser(config_file, overrides)
     network = unwrap(parser.get_parsed_content("network_def"))
     load_prompts(network, parser.get_parsed_content("model_path"))
     return network.eval()
+
+
+def trained_recipe(config_file: str = "configs/inference.yaml", **overrides: Any) -> dict[str, Any]:
+    """The recipe recorded in ``model_path``, checked against the knobs given (see ``as_trained``)."""
+    return _parser(config_file, overrides).get_parsed_content("recipe")
+
+
+def add_metadata(filepath: str | Path, entries: dict[str, str]) -> None:
+    """Key-value strings in an ONNX file's ``metadata_props``."""
+    import onnx
+
+    model = onnx.load(str(filepath))
+    for key, value in entries.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    onnx.save(model, str(filepath))
 
 
 def export_onnx(network: torch.nn.Module, filepath: str | Path, example_batch: int = 2) -> Path:
@@ -75,7 +100,9 @@ def onnx_difference(network: torch.nn.Module, filepath: str | Path, batch: int =
 def main(filepath: str = "models/model.onnx", config_file: str = "configs/inference.yaml", **overrides: Any) -> str:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     network = build_network(config_file, **overrides)
+    recipe = trained_recipe(config_file, **overrides)
     path = export_onnx(network, filepath)
+    add_metadata(path, {RECIPE_KEY: json.dumps(recipe, sort_keys=True)})
     try:
         logger.info("onnxruntime vs PyTorch: max |difference| %.2e", onnx_difference(network, path))
     except ImportError:

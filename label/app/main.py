@@ -16,7 +16,8 @@ What this adds to MONAI Label's bundle tasks, and why:
 - bad input is answered with an HTTP error that names the image and the problem (404 unknown
   image, 415 unsupported file, 422 unreadable), where MONAI Label answers a bare 500;
 - training never resumes an older run's state: every ``/train`` is a new MLflow-tracked run
-  starting from the current ``model.pt``;
+  starting from the current ``model.pt``, with the preprocessing recipe recorded in it
+  (inference reads that recipe through the bundle's own ``inference.yaml``);
 - a ``model.pt`` written by ``/train`` after start-up makes the model available at once.
 """
 
@@ -109,6 +110,19 @@ def _check_image(bundle: str, image: Any) -> None:
             raise HTTPException(status_code=422, detail=str(err)) from err
 
 
+def _trained_recipe(bundle: str) -> dict[str, Any]:
+    """The recipe knobs recorded in the bundle's ``models/model.pt`` (none before the first training)."""
+    model = Path(bundle) / "models" / "model.pt"
+    if not model.is_file():
+        return {}
+    with _BundleImports(bundle):
+        from scripts.model.prompt_file import read_recipe
+
+        recipe = read_recipe(model) or {}
+    recipe.pop("image_size", None)  # follows sam_variant
+    return recipe
+
+
 def _read_error(err: BaseException) -> BaseException | None:
     """The bundle's image-reading error behind ``err`` (MONAI wraps it in transform errors)."""
     while err is not None:
@@ -174,8 +188,9 @@ class PTSAMTrainTask(BundleTrainTask):
 
     def _update_overrides(self, overrides: dict[str, Any]) -> None:
         # A new run from the current model.pt (MONAI Label loads it): an older run's resume
-        # state would otherwise continue that run, and at its last epoch do nothing.
-        overrides.update({**self.overrides, "resume": False})
+        # state would otherwise continue that run, and at its last epoch do nothing. The run
+        # keeps the recipe model.pt was trained with, so its prompts see images as before.
+        overrides.update({**self.overrides, **_trained_recipe(self.bundle_path), "resume": False})
 
 
 class PTSAMApp(MONAILabelApp):

@@ -18,6 +18,7 @@ EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
 PARAMS = {
     "sam_variant", "sam_checkpoint", "backbone_fingerprint", "n_md_prompts", "n_ie_prompts", "num_classes",
     "learning_rate", "epochs", "batch_size", "seed", "n_training_images", "scale", "cache_embeddings",
+    "random_weights", "intensity", "classes",
 }  # fmt: skip
 
 
@@ -48,6 +49,7 @@ def test_training_is_tracked_in_the_local_store(synthetic, tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_name.startswith("train-")
     assert PARAMS <= set(run.data.params)
     assert run.data.params["n_training_images"] == "4" and run.data.params["sam_variant"] == "tiny"
+    assert run.data.params["random_weights"] == "True"  # tiny without a checkpoint: seeded random weights
     assert run.data.tags["bundle_version"] == "0.1.0" and run.data.tags["kind"] == "train"
     # 4 training images, batch 4: one iteration per epoch
     losses = client.get_metric_history(run.info.run_id, "train_loss")

@@ -43,3 +43,20 @@ def test_onnx_with_dynamic_batch(tmp_path):
     image = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         assert np.abs(session.run(None, {"image": image.numpy()})[0] - net(image).numpy()).max() <= 1e-4
+
+
+def test_onnx_file_carries_the_training_recipe(tmp_path):
+    import json
+
+    import onnx
+
+    from scripts.engine.recipe import LEGACY, from_knobs
+    from scripts.export import main
+
+    net = quiet(PTSAM, "tiny", n_md_prompts=8).eval()
+    recipe = from_knobs(**{**LEGACY, "intensity": "window", "a_min": -100, "a_max": 200}, image_size=256)
+    model = save_prompts(net, tmp_path / "models" / "model.pt", recipe)
+    config = str(BUNDLE / "configs" / "inference.yaml")
+    path = quiet(main, str(tmp_path / "model.onnx"), config, sam_variant="tiny", model_path=str(model))
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert json.loads(props["ptsam_recipe"]) == json.loads(json.dumps(recipe))

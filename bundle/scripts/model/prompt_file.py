@@ -2,7 +2,9 @@
 
 ``PTSAM.state_dict()`` holds the prompt tokens and a ``ptsam_meta`` entry (variant, prompt
 counts, classes, backbone fingerprint); the frozen SAM weights come from ``sam_checkpoint``
-and are never part of it. Loading through ``load_state_dict``, strict or not (MONAI's
+and are never part of it. ``save_prompts`` adds the training's preprocessing recipe as
+``ptsam_recipe`` (JSON, see ``scripts.engine.recipe``), so that evaluation and inference see
+images as the prompts were trained on them. Loading through ``load_state_dict``, strict or not (MONAI's
 ``CheckpointLoader``, MONAI Label), compares ``ptsam_meta`` with the network first and
 refuses a file made for another network, so no prompt is silently dropped.
 
@@ -25,6 +27,7 @@ import torch.nn as nn
 from ..common.files import atomic_torch_save
 
 META_KEY = "ptsam_meta"
+RECIPE_KEY = "ptsam_recipe"
 META_BYTES = 512
 FORMAT_VERSION = 1
 BACKBONE = "backbone"
@@ -57,8 +60,14 @@ def encode_meta(meta: Mapping[str, Any]) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw.ljust(META_BYTES, b"\0")), dtype=torch.uint8).clone()
 
 
+def encode_json(value: Mapping[str, Any]) -> torch.Tensor:
+    """JSON as a uint8 tensor: a state-dict entry every MONAI tool carries like a weight."""
+    raw = json.dumps(dict(value), sort_keys=True).encode()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+
+
 def decode_meta(value: Any) -> dict[str, Any] | None:
-    """The metadata in a ``ptsam_meta`` entry; None if it is absent or not one."""
+    """The JSON object in a ``ptsam_meta`` or ``ptsam_recipe`` entry; None if it is absent or not one."""
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
         return None
     try:
@@ -119,6 +128,7 @@ def check_before_load(
     error_msgs: list,
 ) -> None:
     check_meta(state_dict.pop(prefix + META_KEY, None), network_meta(module))
+    state_dict.pop(prefix + RECIPE_KEY, None)  # read by scripts.engine.recipe, not a weight
     # The backbone comes from sam_checkpoint only; a prompt file never overwrites it.
     for key in [k for k in state_dict if k.startswith(prefix + BACKBONE + ".")]:
         del state_dict[key]
@@ -132,13 +142,17 @@ def ignore_missing_backbone(module: nn.Module, incompatible_keys: Any) -> None:
 # Files.
 
 
-def save_prompts(net: nn.Module, path: str | Path) -> Path:
-    """Write ``net``'s prompt checkpoint atomically."""
-    return atomic_torch_save(net.state_dict(), path)
+def save_prompts(net: nn.Module, path: str | Path, recipe: Mapping[str, Any] | None = None) -> Path:
+    """Write ``net``'s prompt checkpoint atomically, with the preprocessing ``recipe`` if given."""
+    state = net.state_dict()
+    if recipe is not None:
+        state[RECIPE_KEY] = encode_json(recipe)
+    return atomic_torch_save(state, path)
 
 
-def load_prompts(net: nn.Module, path: str | Path) -> None:
-    """Load a prompt checkpoint (a state dict, or one under a ``"model"`` key) into ``net``."""
+def read_prompt_file(path: str | Path) -> Mapping[str, Any]:
+    """The state dict in a prompt checkpoint (a plain one, or one under a ``"model"`` key),
+    read weights-only; an error names the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"PTSAM prompt checkpoint {path}: no such file")
@@ -151,5 +165,16 @@ def load_prompts(net: nn.Module, path: str | Path) -> None:
     state = ckpt.get("model", ckpt) if isinstance(ckpt, Mapping) else ckpt
     if not isinstance(state, Mapping):
         raise IncompatibleCheckpointError(f"PTSAM prompt checkpoint {path} holds a {type(state).__name__}")
+    return state
+
+
+def read_recipe(path: str | Path) -> dict[str, Any] | None:
+    """The preprocessing recipe recorded in a prompt checkpoint; None for files made before it was."""
+    return decode_meta(read_prompt_file(path).get(RECIPE_KEY))
+
+
+def load_prompts(net: nn.Module, path: str | Path) -> None:
+    """Load a prompt checkpoint into ``net``, refusing one made for another network."""
+    state = read_prompt_file(path)
     check_meta(state.get(META_KEY), network_meta(net), source=f"PTSAM prompt checkpoint {path}")
     net.load_state_dict(state, strict=True)

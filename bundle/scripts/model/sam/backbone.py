@@ -40,6 +40,7 @@ class SamBackbone(nn.Module):
                 f"sam_variant {self.variant.name!r} is a scaled-down SAM for tests and demos, not a released SAM model",
                 stacklevel=2,
             )
+        self.random = checkpoint is None
         self.source = str(checkpoint) if checkpoint is not None else f"random(seed={seed})"
         self.fingerprint = weights_fingerprint(sam.state_dict())
 

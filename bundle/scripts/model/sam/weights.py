@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ...common.flags import flag
 from .variants import PATCH_SIZE, VARIANTS, SamVariant
 
 _BLOCK_KEY = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
@@ -20,6 +21,33 @@ _POS_KEY = "image_encoder.pos_embed"
 
 class SamCheckpointError(ValueError):
     """A SAM checkpoint that is missing, unreadable, not SAM, or of another variant."""
+
+
+class MissingSamWeightsError(RuntimeError):
+    """A workflow asked to run a released SAM variant on random weights."""
+
+
+def official_checkpoint(variant: str, models_dir: str | Path) -> str | None:
+    """Meta's checkpoint file of ``variant`` in ``models_dir`` (where ``download_large_files``
+    puts it) when it is there; None otherwise."""
+    name = VARIANTS[variant].official_file if variant in VARIANTS else None
+    path = Path(models_dir) / name if name else None
+    return str(path) if path is not None and path.is_file() else None
+
+
+def require_weights(variant: str, checkpoint: str | Path | None, allow_random_weights: bool = False) -> None:
+    """Stop a training, evaluation or inference of a released variant (vit_b/l/h) that has no
+    checkpoint, unless random weights are asked for: their predictions mean nothing. Building
+    the network alone (tests, MONAI's verify_net_in_out and ckpt_export) only warns."""
+    info = VARIANTS.get(variant)
+    if checkpoint is not None or info is None or not info.real or flag(allow_random_weights):
+        return
+    raise MissingSamWeightsError(
+        f"no SAM {variant} weights: put Meta's checkpoint {info.official_file} in the bundle's models/ folder "
+        "(`cd bundle && python -m monai.bundle download_large_files` fetches ViT-B; large_files.yml names "
+        "ViT-L and ViT-H), or pass `--sam_checkpoint /path/to/file`. To run on random weights anyway "
+        "(timing, smoke tests), pass `--allow_random_weights true`."
+    )
 
 
 def random_sam_weights(sam: nn.Module, seed: int) -> None:

@@ -1,0 +1,126 @@
+"""The recipe: every knob that changes what the network sees or what the labels mean.
+
+Training records it in ``model.pt`` (``ptsam_recipe``) beside the prompts. Evaluation,
+inference, export and the MONAI Label app take it from there: their recipe knobs default to
+null ("as trained"); a value given explicitly must agree with the recorded one, or the run
+stops before any work with a message naming both. A ``model.pt`` written before recipes were
+recorded loads with ``LEGACY``, the defaults of that time, and a note saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..model.prompt_file import read_recipe
+
+logger = logging.getLogger(__name__)
+
+KNOBS = (
+    "intensity",  # auto | window | percentile | none
+    "a_min",  # CT window, HU
+    "a_max",
+    "channels",  # which channels of a multi-channel image, or null
+    "slice_axis",  # volumes: the axis cut into slices, or null (each file's axial axis)
+    "scale",  # resize | native
+    "sw_overlap",  # native scale: sliding-window overlap and blending
+    "sw_blend",
+    "classes",  # label values of classes 1..C
+    "label_map",  # label values rewritten first
+    "class_names",
+    "image_size",  # the network's input size (follows sam_variant)
+)
+
+# The defaults of the bundle before model.pt carried a recipe (what such files were trained with).
+LEGACY: dict[str, Any] = {
+    "intensity": "auto",
+    "a_min": -160.0,
+    "a_max": 240.0,
+    "channels": None,
+    "slice_axis": None,
+    "scale": "resize",
+    "sw_overlap": 0.25,
+    "sw_blend": "gaussian",
+    "classes": [1],
+    "label_map": {},
+    "class_names": ["foreground"],
+}
+
+
+class RecipeMismatchError(ValueError):
+    """A knob given explicitly that contradicts the recipe recorded in model.pt."""
+
+
+def _int_list(value: Any) -> list[int] | None:
+    return None if value is None else [int(v) for v in value]
+
+
+_NORMAL = {
+    "intensity": str,
+    "a_min": float,
+    "a_max": float,
+    "channels": _int_list,
+    "slice_axis": lambda v: None if v is None else int(v),
+    "scale": str,
+    "sw_overlap": float,
+    "sw_blend": str,
+    "classes": _int_list,
+    "label_map": lambda v: {int(k): int(x) for k, x in (v or {}).items()},  # JSON keys are strings
+    "class_names": lambda v: [str(n) for n in v],
+    "image_size": int,
+}
+
+
+def normalize(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe with every value in one canonical form (YAML's -100 and JSON's -100.0 agree)."""
+    missing = [k for k in KNOBS if k not in recipe]
+    if missing:
+        raise ValueError(f"a recipe needs {', '.join(missing)}")
+    return {k: _NORMAL[k](recipe[k]) for k in KNOBS}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return a == b
+
+
+def as_trained(model_path: str | Path, image_size: int, **given: Any) -> dict[str, Any]:
+    """The recipe ``model_path`` was trained with, checked against the knobs given explicitly
+    (non-null ``given`` values). Without a ``model_path`` yet, the given knobs over ``LEGACY``
+    (the run then stops at its prompt loader with a message saying how to train)."""
+    unknown = set(given) - set(KNOBS)
+    if unknown:
+        raise TypeError(f"not recipe knobs: {sorted(unknown)}")
+    explicit = {k: v for k, v in given.items() if v is not None}
+    path = Path(model_path)
+    recorded = read_recipe(path) if path.is_file() else None
+    if recorded is None:
+        if path.is_file():
+            logger.warning(
+                "%s records no preprocessing recipe (written by an older bundle): assuming that "
+                "version's defaults %s, with the knobs given here",
+                path,
+                LEGACY,
+            )
+        return normalize({**LEGACY, "image_size": image_size, **explicit})
+    recorded = normalize(recorded)
+    mine = normalize({**recorded, **explicit, "image_size": image_size})
+    clashes = [
+        f"{k}: model.pt has {recorded[k]!r}, given {mine[k]!r}" for k in KNOBS if not _same(recorded[k], mine[k])
+    ]
+    if clashes:
+        raise RecipeMismatchError(
+            f"{path} was trained with another recipe than this run asks for ("
+            + "; ".join(clashes)
+            + "). Leave these knobs unset to use the recorded values, or train again with the new ones."
+        )
+    return recorded
+
+
+def from_knobs(**knobs: Any) -> dict[str, Any]:
+    """A training's recipe, from its knobs (what ``model.pt`` will record)."""
+    return normalize(knobs)
