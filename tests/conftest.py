@@ -21,11 +21,11 @@ def tiny_sam_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> Path:
-    """The synthetic datasets, small: 4 training and 2 validation cases per modality."""
+    """The synthetic datasets, small: 4 training, 2 validation and 2 labelled test cases per modality."""
     from scripts.demo.synthetic import generate
 
     root = tmp_path_factory.mktemp("synthetic")
-    generate(str(root), seed=0, n_train=4, n_val=2)
+    generate(str(root), seed=0, n_train=4, n_val=2, n_test=2)
     return root
 
 

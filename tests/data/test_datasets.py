@@ -37,10 +37,31 @@ def _mask(value: int = 1) -> np.ndarray:
 
 def test_dataset_json_sections(synthetic):
     root = synthetic / "ct"
-    train, val, test = (load_datalist(root, s) for s in ("training", "validation", "test"))
-    assert (len(train), len(val)) == (4, 2)
-    assert all(Path(it["image"]).is_absolute() and Path(it["label"]).is_file() for it in train + val)
-    assert test[0]["image"].endswith("dicom/ct_004") and len(test) == 3 and "label" not in test[0]
+    train, val, test, infer = (load_datalist(root, s) for s in ("training", "validation", "test", "inference"))
+    assert (len(train), len(val), len(test)) == (4, 2, 2)
+    assert all(Path(it["image"]).is_absolute() and Path(it["label"]).is_file() for it in train + val + test)
+    names = [{Path(it["image"]).name for it in split} for split in (train, val, test)]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])  # no image in two splits
+    # what inference predicts: the test list, labelled or not (the DICOM series has no label of its own)
+    assert infer[0]["image"].endswith("dicom/ct_006") and len(infer) == 3 and "label" not in infer[0]
+
+
+def test_without_a_test_set_one_is_carved_out_before_validation(tmp_path):
+    for i in range(20):
+        _png(tmp_path / "imagesTr" / f"case{i}.png", _cells())
+        _png(tmp_path / "labelsTr" / f"case{i}.png", _mask())
+    train, val, test = (load_datalist(tmp_path, s) for s in ("training", "validation", "test"))
+    assert (len(train), len(val), len(test)) == (13, 3, 4)  # 20 % of 20 for test, then 20 % of the 16 left
+    names = [{Path(it["image"]).name for it in split} for split in (train, val, test)]
+    assert set().union(*names) == {f"case{i}.png" for i in range(20)} and sum(map(len, names)) == 20
+    assert test == load_datalist(tmp_path, "test", test_fraction=0.2)  # deterministic
+    assert len(load_datalist(tmp_path, "training", test_fraction=0.0)) == 16
+    with pytest.raises(DatasetError, match="no held-out test cases"):
+        load_datalist(tmp_path, "test", test_fraction=0.0)
+    _png(tmp_path / "imagesTs" / "new.png", _cells())  # a labelled test set of its own: nothing carved
+    _png(tmp_path / "labelsTs" / "new.png", _mask())
+    assert [Path(i["image"]).name for i in load_datalist(tmp_path, "test")] == ["new.png"]
+    assert len(load_datalist(tmp_path, "training")) == 16
 
 
 def test_images_and_labels_folders_with_deterministic_split(tmp_path, caplog):
@@ -53,11 +74,11 @@ def test_images_and_labels_folders_with_deterministic_split(tmp_path, caplog):
         train = load_datalist(tmp_path, "training")
     assert "ignored" in caplog.text and "README.txt" in caplog.text
     val = load_datalist(tmp_path, "validation")
-    assert (len(train), len(val)) == (8, 2)
+    assert (len(train), len(val)) == (6, 2)  # and 2 held out for testing (imagesTs/ has no labels)
     assert {Path(i["image"]).name for i in train}.isdisjoint(Path(i["image"]).name for i in val)
     assert all(Path(i["label"]).name == Path(i["image"]).name for i in train)
     assert val == load_datalist(tmp_path, "validation")  # the same split every time
-    assert [Path(i["image"]).name for i in load_datalist(tmp_path, "test")] == ["new.png"]
+    assert [Path(i["image"]).name for i in load_datalist(tmp_path, "inference")] == ["new.png"]
 
 
 def test_split_does_not_depend_on_order():
@@ -66,12 +87,12 @@ def test_split_does_not_depend_on_order():
     assert names[0] == names[1] and len(names[0]) == 4
 
 
-def test_test_section_falls_back_to_loose_files_and_single_file(tmp_path):
+def test_inference_section_falls_back_to_loose_files_and_single_file(tmp_path):
     _png(tmp_path / "a.png", _cells())
     _png(tmp_path / "b.png", _cells())
     (tmp_path / "results.csv").write_text("x")
-    assert [Path(i["image"]).name for i in load_datalist(tmp_path, "test")] == ["a.png", "b.png"]
-    assert load_datalist(tmp_path / "a.png", "test") == [{"image": str((tmp_path / "a.png").resolve())}]
+    assert [Path(i["image"]).name for i in load_datalist(tmp_path, "inference")] == ["a.png", "b.png"]
+    assert load_datalist(tmp_path / "a.png", "inference") == [{"image": str((tmp_path / "a.png").resolve())}]
 
 
 def test_good_synthetic_datasets_pass(synthetic):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+from scipy import ndimage
 
 from helpers import BUNDLE
 from scripts.data.io import read_image
@@ -25,6 +26,8 @@ def test_one_command_writes_three_datasets(tmp_path):
             "2",
             "--n_val",
             "1",
+            "--n_test",
+            "1",
         ],
         cwd=BUNDLE,
         capture_output=True,
@@ -32,25 +35,39 @@ def test_one_command_writes_three_datasets(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    for modality, name in (("microscopy", "cell"), ("ct", "organ"), ("endoscopy", "polyp")):
+    for modality, name in (("microscopy", "cell"), ("ct", "organ"), ("endoscopy", "polyp"), ("cells_rods", "cell")):
         spec = json.loads((tmp_path / modality / "dataset.json").read_text())
         assert (len(spec["training"]), len(spec["validation"])) == (2, 1)
         assert spec["labels"]["1"] == name
-        for entry in spec["training"] + spec["validation"]:
+        labelled_test = [e for e in spec["test"] if isinstance(e, dict)]
+        assert len(labelled_test) == 1 and len(spec["test"]) == (2 if modality == "ct" else 1)  # + the DICOM series
+        for entry in spec["training"] + spec["validation"] + labelled_test:
             assert (tmp_path / modality / entry["image"]).is_file() and (tmp_path / modality / entry["label"]).is_file()
 
 
 def test_default_size_is_the_papers_few_shot_setting(tmp_path):
     spec = json.loads(open(generate(str(tmp_path), modalities="microscopy")["microscopy"]).read())
-    assert (len(spec["training"]), len(spec["validation"])) == (16, 4)
+    assert (len(spec["training"]), len(spec["validation"]), len(spec["test"])) == (16, 4, 4)
+    assert all("label" in e for e in spec["test"])  # held-out test images, scored by evaluation
 
 
 def test_deterministic_by_seed(tmp_path):
     for run in ("a", "b", "c"):
-        generate(str(tmp_path / run), seed=0 if run != "c" else 1, n_train=1, n_val=0)
+        generate(str(tmp_path / run), seed=0 if run != "c" else 1, n_train=1, n_val=0, n_test=0)
     for rel in ("microscopy/imagesTr/cells_000.tif", "ct/imagesTr/ct_000.nii.gz", "endoscopy/labelsTr/polyp_000.png"):
         a, b, c = (read_image(tmp_path / run / rel)[0] for run in ("a", "b", "c"))
         assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def _objects(mask: np.ndarray) -> list[np.ndarray]:
+    labels, n = ndimage.label(mask)
+    return [labels == i for i in range(1, n + 1)]
+
+
+def _elongation(region: np.ndarray) -> float:
+    """Ratio of the principal axes of a region's pixel coordinates."""
+    spread = np.linalg.eigvalsh(np.cov(np.argwhere(region).T.astype(float)))
+    return float(np.sqrt(spread[1] / spread[0]))
 
 
 def test_modalities_look_as_promised(synthetic):
@@ -61,6 +78,13 @@ def test_modalities_look_as_promised(synthetic):
     ct, ct_meta = read_image(synthetic / "ct/imagesTr/ct_000.nii.gz")
     organ, _ = read_image(synthetic / "ct/labelsTr/ct_000.nii.gz")
     assert ct.ndim == 4 and ct_meta["axial_axis"] == 2 and organ.sum() > 500
+    field, _ = read_image(synthetic / "cells_rods/imagesTr/field_000.tif")
+    classes, _ = read_image(synthetic / "cells_rods/labelsTr/field_000.tif")
+    assert set(np.unique(classes)) == {0, 1, 2}
+    assert max(map(_elongation, _objects(classes[0] == 1))) < 2.5  # two kinds: round cells ...
+    assert min(map(_elongation, _objects(classes[0] == 2))) > 3  # ... and rods
+    background = field[0][classes[0] == 0].mean()
+    assert field[0][classes[0] == 1].mean() > field[0][classes[0] == 2].mean() > 1.5 * background  # rods dimmer
     assert 60 < ct[organ > 0].mean() < 160 and ct.min() <= -1000  # HU: organ, air
     frame, frame_meta = read_image(synthetic / "endoscopy/imagesTr/polyp_000.jpg")
     polyp, _ = read_image(synthetic / "endoscopy/labelsTr/polyp_000.png")
@@ -68,6 +92,8 @@ def test_modalities_look_as_promised(synthetic):
 
 
 def test_dicom_series_is_the_same_case_as_its_nifti(synthetic):
-    series, s_meta = read_image(synthetic / "ct/dicom/ct_004")
-    nifti, n_meta = read_image(synthetic / "ct/imagesTr/ct_004.nii.gz")
+    folder = json.loads((synthetic / "ct" / "dataset.json").read_text())["test"][0]  # the first test case
+    assert folder == "dicom/ct_006"  # 4 training, 2 validation, then the test cases
+    series, s_meta = read_image(synthetic / "ct" / folder)
+    nifti, n_meta = read_image(synthetic / "ct/imagesTr/ct_006.nii.gz")
     assert np.array_equal(series, nifti) and np.allclose(s_meta["affine"], n_meta["affine"], atol=1e-4)

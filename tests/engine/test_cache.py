@@ -50,3 +50,66 @@ def test_when_the_cache_is_used():
     assert use_cache("true", 8) is False  # image-encoder prompts change the encoder's output
     assert use_cache(True, 0, augment="true") is False and use_cache(True, 0, scale="native") is False
     assert use_cache("false", 0) is False
+
+
+def test_memory_is_bounded_least_recently_used_first(tmp_path):
+    net = quiet(PTSAM, "tiny").eval()
+    per_embedding = 256 * 16 * 16 * 4  # bytes of one tiny embedding
+    cache = EncodeImaged(net, cache_dir=tmp_path, ram_mb=3.5 * per_embedding / 2**20)  # room for 3
+    images = [torch.randn(3, 256, 256, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    first = [cache.embedding(image) for image in images]
+    assert len(cache.memory) == 3 and cache.held_bytes == 3 * per_embedding
+    assert list(cache.memory) == [cache.key_of(image) for image in images[3:]]  # the oldest went first
+    cache.embedding(images[3])  # used again: now the most recent
+    cache.embedding(images[0])  # from disk, back in memory, pushing out images[4]
+    assert list(cache.memory) == [cache.key_of(images[i]) for i in (5, 3, 0)]
+    assert torch.equal(cache.embedding(images[0]), first[0])
+    volume = torch.randn(3, 5, 256, 256)  # 5 embeddings: beyond the budget, kept on disk only
+    assert cache.embedding(volume).shape == (256, 5, 16, 16) and len(cache.memory) == 3
+
+
+def test_keys_change_with_the_encoder_code_and_attention_path(monkeypatch):
+    import scripts.engine.cache as cache_module
+
+    image = torch.randn(3, 256, 256)
+    fused = EncodeImaged(quiet(PTSAM, "tiny")).key_of(image)
+    assert fused != EncodeImaged(quiet(PTSAM, "tiny", fused_attention=False)).key_of(image)
+    monkeypatch.setattr(cache_module, "encoder_version", lambda: "other-code")
+    assert fused != EncodeImaged(quiet(PTSAM, "tiny")).key_of(image)
+    monkeypatch.setattr(cache_module, "CACHE_FORMAT", cache_module.CACHE_FORMAT + 1)
+    assert EncodeImaged(quiet(PTSAM, "tiny")).key_of(image) != fused
+
+
+def _train_on_volumes(synthetic, out, **overrides) -> tuple[torch.Tensor, list[int]]:
+    """Two epochs on the synthetic CT volumes (8 slices of each per epoch); returns the prompts
+    and the number of embeddings in memory after every iteration."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+
+    from helpers import BUNDLE
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    parser.update(
+        {
+            "bundle_root": str(BUNDLE), "dataset_dir": str(synthetic / "ct"), "output_dir": str(out / "eval"),
+            "ckpt_dir": str(out / "models"), "sam_variant": "tiny", "device": "$torch.device('cpu')",
+            "tracking_enabled": False, "epochs": 2, "intensity": "window", "slices_per_volume": 8, **overrides,
+        }
+    )  # fmt: skip
+    parser.get_parsed_content("initialize")
+    trainer = parser.get_parsed_content("train#trainer")
+    cache = parser.get_parsed_content("embedding_cache")
+    held: list[int] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: held.append(len(cache.memory)))
+    trainer.run()
+    return parser.get_parsed_content("network").md_prompts.tokens.detach().clone(), held
+
+
+def test_training_on_many_slices_within_a_small_memory_budget(synthetic, tmp_path):
+    budget = 3  # embeddings: 3 x 256 KiB of the tiny backbone
+    capped, held = _train_on_volumes(synthetic, tmp_path / "capped", cache_ram_mb=budget * 0.25)
+    assert held and max(held) <= budget and max(held) == budget  # full, never over
+    assert len(list((tmp_path / "capped" / "eval" / "embedding_cache").glob("*.pt"))) > budget
+    uncached, _ = _train_on_volumes(synthetic, tmp_path / "uncached", cache_embeddings=False)
+    assert torch.allclose(capped, uncached, atol=1e-5)  # the cache changes nothing learned

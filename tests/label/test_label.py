@@ -105,7 +105,7 @@ def server(label_env, generalist, tmp_path_factory):
     save_prompts(net, bundle / "models" / "model.pt")
 
     data = root / "synthetic"
-    generate(str(data), seed=1, n_train=3, n_val=0, modalities="microscopy,ct")
+    generate(str(data), seed=1, n_train=3, n_val=0, n_test=0, modalities="microscopy,ct")
     studies = root / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     shutil.copy(data / "ct" / "imagesTr" / "ct_000.nii.gz", studies)
@@ -276,7 +276,7 @@ def test_a_bundle_without_model_pt_serves_once_trained(label_env, generalist, tm
     from scripts.demo.synthetic import generate
 
     bundle = _bundle_copy(tmp_path / "ptsam")
-    generate(str(tmp_path / "synthetic"), seed=2, n_train=3, n_val=0, modalities="microscopy")
+    generate(str(tmp_path / "synthetic"), seed=2, n_train=3, n_val=0, n_test=0, modalities="microscopy")
     studies = tmp_path / "studies"
     shutil.copytree(tmp_path / "synthetic" / "microscopy" / "imagesTr", studies)
     shutil.copytree(tmp_path / "synthetic" / "microscopy" / "labelsTr", studies / "labels" / "final")

@@ -2,8 +2,21 @@
 
 A dataset folder holds either ``dataset.json`` (Decathlon style: ``training`` and optional
 ``validation`` lists of ``{"image", "label"}``, an optional ``test`` list; paths relative to
-the folder) or ``imagesTr/`` + ``labelsTr/`` with matching names (and ``imagesTs/``).
-Without a validation list, a deterministic share of the training cases is held out.
+the folder) or ``imagesTr/`` + ``labelsTr/`` with matching names (and ``imagesTs/``, with
+``labelsTs/`` for a labelled test set).
+
+Three labelled splits, none of which sees another's images:
+
+- ``test``: what evaluation scores by default, images that chose nothing. ``dataset.json``'s
+  ``test`` entries that have a label, else ``imagesTs/`` + ``labelsTs/``, else a deterministic
+  ``test_fraction`` of the training cases, carved out first;
+- ``validation``: what selects the best epoch and stops early. ``dataset.json``'s
+  ``validation`` list, else a deterministic ``val_fraction`` of what is left;
+- ``training``: the rest.
+
+Splits rank cases by a hash of their file name (salted per split), so they are the same on
+every machine and in every order. ``inference`` lists the images to predict: the ``test``
+list (labels or not), else ``imagesTs/``, else every image in the folder, or one file.
 """
 
 from __future__ import annotations
@@ -52,55 +65,75 @@ def _pairs(images_dir: Path, labels_dir: Path) -> list[dict]:
     return [{"image": p, "label": labels.get(stem_of(p), str(labels_dir / Path(p).name))} for p in images]
 
 
-def held_out(items: Sequence[Mapping], val_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Split deterministically by a hash of each image's name: the same split on every machine."""
-    if not items:
-        return [], []
-    ranked = sorted(items, key=lambda it: hashlib.sha256(Path(str(it["image"])).name.encode()).hexdigest())
-    n_val = max(1, math.floor(len(items) * val_fraction + 0.5)) if len(items) > 1 else 0
-    val_names = {id(it) for it in ranked[:n_val]}
-    return [dict(it) for it in items if id(it) not in val_names], [dict(it) for it in items if id(it) in val_names]
+def held_out(items: Sequence[Mapping], fraction: float, salt: str = "") -> tuple[list[dict], list[dict]]:
+    """(kept, held out): a deterministic ``fraction`` (at least one case when there are two or
+    more and ``fraction > 0``), chosen by a hash of each image's name and ``salt``."""
+    if not items or fraction <= 0:
+        return [dict(it) for it in items], []
+    ranked = sorted(items, key=lambda it: hashlib.sha256((salt + Path(str(it["image"])).name).encode()).hexdigest())
+    n_out = max(1, math.floor(len(items) * fraction + 0.5)) if len(items) > 1 else 0
+    out = {id(it) for it in ranked[:n_out]}
+    return [dict(it) for it in items if id(it) not in out], [dict(it) for it in items if id(it) in out]
 
 
-def load_datalist(dataset_dir: str | Path, section: str = "training", val_fraction: float = 0.2) -> list[dict]:
-    """The cases of ``section`` ('training', 'validation' or 'test') as absolute paths.
+SECTIONS = ("training", "validation", "test", "inference")
 
-    ``test`` falls back to ``imagesTs/``, then to every image file directly in ``dataset_dir``;
-    ``dataset_dir`` may also be one image file. Test items have no label.
-    """
+
+def _read_spec(spec: Path) -> dict:
+    try:
+        return json.loads(spec.read_text())
+    except ValueError as err:
+        raise DatasetError([f"{spec}: not valid JSON ({err})"]) from err
+
+
+def _inference_items(root: Path, content: dict | None) -> list[dict]:
+    if content and content.get("test"):
+        return [e if isinstance(e, dict) else {"image": e} for e in (_resolve(root, t) for t in content["test"])]
+    folder = root / "imagesTs" if (root / "imagesTs").is_dir() else root
+    images, ignored = list_images(folder)
+    for path in ignored:
+        logger.info("ignored %s: not an image file", path)
+    return [{"image": p} for p in images]
+
+
+def load_datalist(
+    dataset_dir: str | Path, section: str = "training", val_fraction: float = 0.2, test_fraction: float = 0.2
+) -> list[dict]:
+    """The cases of ``section`` ('training', 'validation', 'test' or 'inference') as absolute paths;
+    see the module's docstring for how the splits are made."""
     root = Path(dataset_dir)
-    if section not in ("training", "validation", "test"):
-        raise ValueError(f"section must be training, validation or test, got {section!r}")
-    if section == "test" and root.exists() and not root.is_dir():
+    if section not in SECTIONS:
+        raise ValueError(f"section must be one of {', '.join(SECTIONS)}, got {section!r}")
+    if section == "inference" and root.exists() and not root.is_dir():
         return [{"image": str(root.resolve())}]
     if not root.is_dir():
         raise DatasetError([f"{root}: no such dataset folder"])
     spec = root / "dataset.json"
-    if spec.is_file():
-        try:
-            content = json.loads(spec.read_text())
-        except ValueError as err:
-            raise DatasetError([f"{spec}: not valid JSON ({err})"]) from err
+    content = _read_spec(spec) if spec.is_file() else None
+    if section == "inference":
+        return _inference_items(root, content)
+    if content is not None:
         training = [_resolve(root, e) for e in content.get("training", [])]
-        if section == "test" and content.get("test"):
-            return [e if isinstance(e, dict) else {"image": e} for e in (_resolve(root, t) for t in content["test"])]
-        if section == "validation" and content.get("validation"):
-            return [_resolve(root, e) for e in content["validation"]]
-        if section != "test":
-            if content.get("validation"):
-                return training
-            train, val = held_out(training, val_fraction)
-            return train if section == "training" else val
-    elif section != "test":
+        test = [e for e in (_resolve(root, t) for t in content.get("test", [])) if isinstance(e, dict) and "label" in e]
+        validation = [_resolve(root, e) for e in content.get("validation", [])]
+    else:
         if not (root / "imagesTr").is_dir():
             raise DatasetError([f"{root}: neither dataset.json nor imagesTr/ found"])
-        train, val = held_out(_pairs(root / "imagesTr", root / "labelsTr"), val_fraction)
-        return train if section == "training" else val
-    test_dir = root / "imagesTs" if (root / "imagesTs").is_dir() else root
-    images, ignored = list_images(test_dir)
-    for path in ignored:
-        logger.info("ignored %s: not an image file", path)
-    return [{"image": p} for p in images]
+        training, validation = _pairs(root / "imagesTr", root / "labelsTr"), []
+        test = _pairs(root / "imagesTs", root / "labelsTs") if (root / "labelsTs").is_dir() else []
+    if not test:
+        training, test = held_out(training, test_fraction, salt="test:")
+    if not validation:
+        training, validation = held_out(training, val_fraction)
+    if section == "test" and not test:
+        raise DatasetError(
+            [
+                f"{root}: no held-out test cases: list them with labels under `test` in dataset.json, put them "
+                "in imagesTs/ + labelsTs/, or set test_fraction > 0 (`--eval_section validation` scores the "
+                "validation images instead, which chose the model)"
+            ]
+        )
+    return {"training": training, "validation": validation, "test": test}[section]
 
 
 def check_case(

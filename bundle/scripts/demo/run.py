@@ -8,6 +8,7 @@ shows that prompt tuning works end to end and nothing about real images.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -48,39 +49,59 @@ def backbone() -> tuple[str, str, bool]:
     return "tiny", str(ensure_generalist()), False
 
 
+def _has_labelled_test(spec: Path) -> bool:
+    """Whether ``dataset.json`` lists held-out test cases with labels (older demo data did not)."""
+    if not spec.is_file():
+        return False
+    return any(isinstance(e, dict) and "label" in e for e in json.loads(spec.read_text()).get("test", []))
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _mean_dice(rows: list[dict]) -> float:
+    return sum(float(r["dice"]) for r in rows) / len(rows)
+
+
 def main(data_dir: str = str(BUNDLE.parent / "data" / "synthetic"), epochs: int = 40) -> None:
     start = time.time()
     sys.path.insert(0, str(BUNDLE))
     from scripts.demo.synthetic import generate
 
     dataset = Path(data_dir) / "microscopy"
-    if not (dataset / "dataset.json").is_file():
+    if not _has_labelled_test(dataset / "dataset.json"):
         _say(f"Writing the synthetic few-shot datasets to {data_dir}")
         generate(data_dir)
     variant, checkpoint, real = backbone()
+    eval_dir = BUNDLE / "eval"
     common = [
         "--sam_variant", variant, "--sam_checkpoint", checkpoint, "--dataset_dir", str(dataset),
-        "--output_dir", str(BUNDLE / "eval"), "--ckpt_dir", str(BUNDLE / "models"),
+        "--ckpt_dir", str(BUNDLE / "models"), "--tracking_uri", f"sqlite:///{eval_dir / 'mlruns.db'}",
     ]  # fmt: skip
     _say(f"Training 8 prompt tokens (2,048 parameters) on 16 microscopy images for up to {epochs} epochs")
-    train = ["--config_file", "configs/train.yaml", *common, "--epochs", str(epochs), "--resume", "false"]
-    _bundle("run", "training", *train)
-    _say("Evaluating on the 4 validation images")
-    _bundle("run", "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *common)
+    train = ["--config_file", "configs/train.yaml", *common, "--output_dir", str(eval_dir)]
+    _bundle("run", "training", *train, "--epochs", str(epochs), "--resume", "false")
+    evaluate = ["--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *common]
+    _say("Evaluating on the 4 validation images (they chose the best epoch)")
+    validation_dir = eval_dir / "validation"
+    _bundle("run", "evaluating", *evaluate, "--eval_section", "validation", "--output_dir", str(validation_dir))
+    _say("Evaluating on the 4 held-out test images (they chose nothing)")
+    _bundle("run", "evaluating", *evaluate, "--output_dir", str(eval_dir))
 
-    rows = list(csv.DictReader(open(BUNDLE / "eval" / "metrics.csv")))
-    _say("Validation results")
+    test, validation = _rows(eval_dir / "metrics.csv"), _rows(validation_dir / "metrics.csv")
+    _say("Held-out test results")
     print(f"{'image':<24}{'Dice':>8}{'IoU':>8}{'HD95':>9}")
-    for row in rows:
-        print(
-            f"{Path(row['image']).name:<24}{float(row['dice']):>8.3f}{float(row['iou']):>8.3f}{float(row['hd95']):>9.2f}"
-        )
-    mean = sum(float(r["dice"]) for r in rows) / len(rows)
-    print(f"{'mean':<24}{mean:>8.3f}")
+    for row in test:
+        name = Path(row["image"]).name
+        print(f"{name:<24}{float(row['dice']):>8.3f}{float(row['iou']):>8.3f}{float(row['hd95']):>9.2f}")
+    print(f"{'mean, test':<24}{_mean_dice(test):>8.3f}")
+    print(f"{'mean, validation':<24}{_mean_dice(validation):>8.3f}   (the images that chose the best epoch)")
     print(f"\nprompts (model.pt):  {BUNDLE / 'models' / 'model.pt'}")
-    print(f"metrics:             {BUNDLE / 'eval' / 'metrics.csv'}")
-    print(f"overlays:            {BUNDLE / 'eval' / 'overlays'}")
-    store = BUNDLE / "eval" / "mlruns.db"
+    print(f"metrics:             {eval_dir / 'metrics.csv'} (validation: {validation_dir / 'metrics.csv'})")
+    print(f"overlays:            {eval_dir / 'overlays'}")
+    store = eval_dir / "mlruns.db"
     print(f"MLflow runs:         {store}")
     print(f"  browse them with:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{store}")
     if not real:

@@ -1,13 +1,16 @@
 """Synthetic few-shot datasets for the demo and the tests, deterministic by seed.
 
-``python -m scripts.demo.synthetic --output_dir data/synthetic`` (from ``bundle/``) writes three
-Decathlon-style datasets, each with ``dataset.json``, 16 training and 4 validation cases:
+``python -m scripts.demo.synthetic --output_dir data/synthetic`` (from ``bundle/``) writes
+Decathlon-style datasets, each with ``dataset.json``: 16 training, 4 validation and 4 labelled
+test cases (the held-out images evaluation scores):
 
 - ``microscopy/``: 16-bit TIFF fields of textured, noisy cells; masks as uint8 TIFF (0/1);
 - ``ct/``: CT-like NIfTI volumes in HU with an organ-like structure (label 1), the first
-  validation case also as a DICOM series (``dicom/``), listed under ``test``;
+  test case also as a DICOM series (``dicom/``), listed under ``test`` without a label;
 - ``endoscopy/``: JPEG frames with a polyp-like region; masks as PNG with values 0/255
-  (map them with ``label_map: {255: 1}``).
+  (map them with ``label_map: {255: 1}``);
+- ``cells_rods/``: two classes in 16-bit TIFF fields, round cells (label 1) and thin rod-shaped
+  particles (label 2): ``num_classes: 2``, ``classes: [1, 2]``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from scipy import ndimage
 
 from .noise import smooth_noise
 
-MODALITIES = ("microscopy", "ct", "endoscopy")
+MODALITIES = ("microscopy", "ct", "endoscopy", "cells_rods")
 
 
 def _ellipse(shape: tuple[int, int], center, radii, angle: float) -> np.ndarray:
@@ -46,6 +49,39 @@ def microscopy_case(rng: np.random.Generator, shape=(260, 300)) -> tuple[np.ndar
     image = background + 5000 * ndimage.gaussian_filter(signal * texture, 1.2)
     image = rng.poisson(np.clip(image, 1, None)).astype(np.float64) + rng.normal(0, 40, shape)
     return np.clip(image, 0, 65535).astype(np.uint16), mask
+
+
+def _rod(shape: tuple[int, int], center, length: float, width: float, angle: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    y, x = yy - center[0], xx - center[1]
+    c, s = np.cos(angle), np.sin(angle)
+    return (np.abs(c * x + s * y) <= length / 2) & (np.abs(-s * x + c * y) <= width / 2)
+
+
+def cells_rods_case(rng: np.random.Generator, shape=(260, 300)) -> tuple[np.ndarray, np.ndarray]:
+    """A uint16 field of 4-8 round cells (label 1) and 4-8 thin, dimmer rods (label 2), none touching."""
+    label = np.zeros(shape, np.uint8)
+    signal = np.zeros(shape)
+    kinds = [1] * int(rng.integers(4, 9)) + [2] * int(rng.integers(4, 9))
+    for kind in rng.permutation(kinds):
+        for _ in range(20):  # a free place, or give up on this object
+            if kind == 1:
+                radii = rng.uniform(10, 20, 2)
+                center = rng.uniform(radii.max(), np.array(shape) - radii.max())
+                region = _ellipse(shape, center, radii, rng.uniform(0, np.pi))
+            else:
+                length, width = rng.uniform(40, 60), rng.uniform(8, 11)
+                center = rng.uniform(length / 2, np.array(shape) - length / 2)
+                region = _rod(shape, center, length, width, rng.uniform(0, np.pi))
+            if not (ndimage.binary_dilation(region, iterations=3) & (label > 0)).any():
+                label[region] = kind
+                signal[region] = rng.uniform(0.6, 1.0) if kind == 1 else rng.uniform(0.25, 0.4)  # rods stain dimmer
+                break
+    texture = 1 + 0.25 * smooth_noise(rng, shape, 2.0)
+    background = 900 + 250 * smooth_noise(rng, shape, 40.0)
+    image = background + 5000 * ndimage.gaussian_filter(signal * texture, 1.2)
+    image = rng.poisson(np.clip(image, 1, None)).astype(np.float64) + rng.normal(0, 40, shape)
+    return np.clip(image, 0, 65535).astype(np.uint16), label
 
 
 def ct_case(rng: np.random.Generator, shape=(96, 80, 24)) -> tuple[np.ndarray, np.ndarray]:
@@ -143,11 +179,26 @@ def _save(kind: str, array: np.ndarray, path: Path, affine: np.ndarray | None = 
         Image.fromarray(array).save(path, quality=92) if kind == "jpeg" else Image.fromarray(array).save(path)
 
 
+MODALITY_NAMES = {
+    "microscopy": "fluorescence microscopy",
+    "ct": "CT",
+    "endoscopy": "endoscopy",
+    "cells_rods": "fluorescence microscopy",
+}
+LABELS = {
+    "microscopy": {"0": "background", "1": "cell"},
+    "ct": {"0": "background", "1": "organ"},
+    "endoscopy": {"0": "background", "1": "polyp"},
+    "cells_rods": {"0": "background", "1": "cell", "2": "rod"},
+}
+
+
 def generate(
     output_dir: str = "data/synthetic",
     seed: int = 0,
     n_train: int = 16,
     n_val: int = 4,
+    n_test: int = 4,
     modalities: str | tuple[str, ...] = MODALITIES,
 ) -> dict[str, str]:
     """Write the datasets; returns {modality: path of its dataset.json}."""
@@ -163,10 +214,13 @@ def generate(
         rng = np.random.default_rng([seed, offset])
         root = Path(output_dir) / modality
         entries = []
-        for i in range(n_train + n_val):
+        for i in range(n_train + n_val + n_test):
             if modality == "microscopy":
                 image, label = microscopy_case(rng)
                 names, kinds, affine = (f"cells_{i:03d}.tif", f"cells_{i:03d}.tif"), ("tiff", "tiff"), None
+            elif modality == "cells_rods":
+                image, label = cells_rods_case(rng)
+                names, kinds, affine = (f"field_{i:03d}.tif", f"field_{i:03d}.tif"), ("tiff", "tiff"), None
             elif modality == "ct":
                 image, label = ct_case(rng)
                 affine = ct_affine(rng)
@@ -177,19 +231,19 @@ def generate(
             _save(kinds[0], image, root / "imagesTr" / names[0], affine)
             _save(kinds[1], label, root / "labelsTr" / names[1], affine)
             entries.append({"image": f"imagesTr/{names[0]}", "label": f"labelsTr/{names[1]}"})
-            if modality == "ct" and i == n_train:
+            if modality == "ct" and n_test and i == n_train + n_val:
                 write_dicom_series(image, affine, root / "dicom" / f"ct_{i:03d}", seed)
-        test = [e["image"] for e in entries[n_train:]]
-        if modality == "ct":
-            test.insert(0, f"dicom/ct_{n_train:03d}")
+        test: list = entries[n_train + n_val :]
+        if modality == "ct" and n_test:
+            test = [f"dicom/ct_{n_train + n_val:03d}", *test]  # an image to predict: no label of its own
         description = {
             "name": f"synthetic-{modality}",
             "description": f"Synthetic {modality} few-shot dataset (seed {seed}) for the PTSAM bundle's demo and tests",
-            "modality": {"microscopy": "fluorescence microscopy", "ct": "CT", "endoscopy": "endoscopy"}[modality],
-            "labels": {"0": "background", "1": {"microscopy": "cell", "ct": "organ", "endoscopy": "polyp"}[modality]},
+            "modality": MODALITY_NAMES[modality],
+            "labels": LABELS[modality],
             "numTraining": n_train,
             "training": entries[:n_train],
-            "validation": entries[n_train:],
+            "validation": entries[n_train : n_train + n_val],
             "test": test,
         }
         (root / "dataset.json").write_text(json.dumps(description, indent=2))

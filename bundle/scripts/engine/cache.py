@@ -2,8 +2,10 @@
 
 With no image-encoder prompts the encoder is frozen and its output for a given
 preprocessed image never changes. ``EncodeImaged`` puts the image's embedding under the
-``embedding`` key, kept in memory and on disk under a key made of the image's bytes and the
-backbone's fingerprint (which covers the variant and its weights), so a second run reuses it.
+``embedding`` key, kept on disk and, up to ``ram_mb``, in memory (least recently used first
+out), under a key made of the image's bytes, the backbone's fingerprint (which covers the
+variant and its weights), the encoder's code and attention path, and the cache format: a
+second run reuses it, and a change of code never serves a stale embedding.
 ``prepare_batch`` then hands the network the embeddings with ``embedded=True``: the network
 decodes them without guessing what it was given.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,12 @@ from monai.transforms import MapTransform
 
 from ..common.files import atomic_torch_save
 from ..common.flags import flag, optional_flag
+from ..model.encoder import encoder_version
 from .distributed import unwrap
 
 logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 2  # what a cache file holds; raise it when that changes
 
 
 def use_cache(cache_embeddings: bool | None, n_ie_prompts: int, augment: bool = False, scale: str = "resize") -> bool:
@@ -59,6 +65,7 @@ class EncodeImaged(MapTransform):
         enabled: bool = True,
         device: str | torch.device | None = None,
         batch_size: int = 8,
+        ram_mb: float = 1024,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -68,10 +75,14 @@ class EncodeImaged(MapTransform):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.device = device
         self.batch_size = batch_size
-        self.memory: dict[str, torch.Tensor] = {}
+        self.ram_bytes = int(float(ram_mb) * 2**20)
+        self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
+        self.held_bytes = 0
+        net = self.network
+        self.version = f"{CACHE_FORMAT}:{encoder_version()}:{net.fused_attention}:{net.backbone.fingerprint}"
 
     def key_of(self, image: torch.Tensor) -> str:
-        digest = hashlib.sha256(self.network.backbone.fingerprint.encode())
+        digest = hashlib.sha256(self.version.encode())
         digest.update(str(tuple(image.shape)).encode())
         digest.update(image.detach().cpu().contiguous().numpy())  # the buffer itself, no copy
         return digest.hexdigest()[:32]
@@ -84,9 +95,20 @@ class EncodeImaged(MapTransform):
         out = out.transpose(0, 1)  # 256, n, h, w
         return out if image.ndim == 4 else out[:, 0]
 
+    def _remember(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.ram_bytes:  # a whole volume beyond the budget: served from disk only
+            return
+        self.memory[key] = value
+        self.held_bytes += size
+        while self.held_bytes > self.ram_bytes:
+            _, old = self.memory.popitem(last=False)
+            self.held_bytes -= old.numel() * old.element_size()
+
     def embedding(self, image: torch.Tensor) -> torch.Tensor:
         key = self.key_of(image)
         if key in self.memory:
+            self.memory.move_to_end(key)
             return self.memory[key]
         path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
         value = None
@@ -99,7 +121,7 @@ class EncodeImaged(MapTransform):
             value = self._encode(image)
             if path is not None:
                 atomic_torch_save(value, path)
-        self.memory[key] = value
+        self._remember(key, value)
         return value
 
     def __call__(self, data: Mapping) -> dict:

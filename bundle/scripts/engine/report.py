@@ -32,7 +32,12 @@ from ..data.meta import meta_int
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("image", "class", "dice", "iou", "hd95", "truth_voxels", "pred_voxels")
+FIELDS = ("image", "split", "class", "dice", "iou", "hd95", "truth_voxels", "pred_voxels")
+SPLITS = {
+    "test": "held-out test images (they neither trained nor chose the prompts)",
+    "validation": "validation images (they chose the best epoch: an optimistic score)",
+    "training": "training images (what the prompts were fitted to: not a measure of generalisation)",
+}
 
 
 def overlap_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -83,8 +88,9 @@ def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarra
 class EvaluationReport:
     """Attach to an evaluator whose output holds per-class binary ``pred`` and ``label``."""
 
-    def __init__(self, output_dir: str | Path, class_names: Sequence[str], n_overlays: int = 4):
+    def __init__(self, output_dir: str | Path, class_names: Sequence[str], n_overlays: int = 4, split: str = "test"):
         self.output_dir, self.class_names, self.n_overlays = Path(output_dir), list(class_names), n_overlays
+        self.split = split
         self.rows: list[dict[str, Any]] = []
         self.overlays: list[Path] = []
 
@@ -105,6 +111,7 @@ class EvaluationReport:
                 self.rows.append(
                     {
                         "image": name,
+                        "split": self.split,
                         "class": class_name,
                         "dice": dice,
                         "iou": iou,
@@ -142,7 +149,9 @@ class EvaluationReport:
                 writer.writerows(self.rows)
 
         atomic_write(path, write)
-        logger.info("evaluation of %d image(s) written to %s", len({r["image"] for r in self.rows}), path)
+        n_images = len({r["image"] for r in self.rows})
+        logger.info("evaluation of %d image(s) written to %s", n_images, path)
+        logger.info("scored on the %s split: %s", self.split, SPLITS.get(self.split, self.split))
         for line in summary_lines(self.rows, self.class_names):
             logger.info(line)
         if self.overlays:

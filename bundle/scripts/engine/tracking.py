@@ -86,6 +86,7 @@ class TrackingRun:
         run_name: str | None = None,
         kind: str = "train",
         params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
         check_timeout: float = 5.0,
     ):
         self.enabled = flag(enabled) and rank() == 0
@@ -94,6 +95,7 @@ class TrackingRun:
         self.experiment_name, self.kind = experiment_name, kind
         self.run_name = run_name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.params = dict(params or {})
+        self.tags = {k: str(v) for k, v in (tags or {}).items()}
         self.run_id: str | None = None
         self.client: Any = None
         if self.enabled:
@@ -113,7 +115,7 @@ class TrackingRun:
             experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
-        tags = {"bundle_version": bundle_version(), "kind": self.kind, "command": " ".join(sys.argv)}
+        tags = {"bundle_version": bundle_version(), "kind": self.kind, "command": " ".join(sys.argv), **self.tags}
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         for key, value in self.params.items():

@@ -10,6 +10,10 @@ queries are never computed: the kept outputs equal those of full attention over
 
 from __future__ import annotations
 
+import hashlib
+from functools import cache
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +22,12 @@ from torch.utils.checkpoint import checkpoint
 from .sam.modeling import image_encoder as sam_image_encoder
 
 QUERY_CHUNK = 512  # queries per chunk of a global block's attention under activation checkpointing
+
+
+@cache
+def encoder_version() -> str:
+    """A hash of this module's code: what caches of its outputs are keyed by."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
 def encode_image(
