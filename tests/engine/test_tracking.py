@@ -80,6 +80,7 @@ def test_evaluation_is_tracked(synthetic, tmp_path):
     client, runs = _runs(_store(tmp_path))
     evaluation = [r for r in runs if r.data.tags["kind"] == "evaluate"]
     assert len(evaluation) == 1 and evaluation[0].data.params["n_images"] == "2"
+    assert evaluation[0].data.tags["eval_split"] == "test"  # which images were scored
     assert 0 <= evaluation[0].data.metrics["val_mean_dice"] <= 1
     artifacts = {a.path for a in client.list_artifacts(evaluation[0].info.run_id)}
     assert {"metrics.csv", "overlays", "model.pt"} <= artifacts

@@ -29,7 +29,7 @@ from scipy import ndimage
 from helpers import BUNDLE, REPO, monai_bundle, quiet
 from scripts.demo.synthetic import write_dicom_series
 from scripts.model.network import PTSAM
-from scripts.model.prompt_file import save_prompts
+from scripts.model.prompt_file import RECIPE_KEY, encode_json, read_recipe, save_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -235,11 +235,20 @@ def test_infer_train_infer(server, generalist, tmp_path):
     assert runs[0].data.params["epochs"] == str(TRAINED_EPOCHS) and "val_mean_dice" in runs[0].data.metrics
     assert runs[0].data.params["n_training_images"] == "3"
 
-    # A second /train is a new run from the new model.pt, not a resumed (finished) first run.
+    # A second /train is a new run from the new model.pt, not a resumed (finished) first run,
+    # and it keeps the recipe recorded in model.pt (here a CT window of -100 HU, not the default).
+    state = torch.load(model, weights_only=True)
+    recipe = {**read_recipe(model), "a_min": -100.0}
+    state[RECIPE_KEY] = encode_json(recipe)
+    torch.save(state, model)
     trained = _sha(model)
     _train(base, log)
     assert _sha(model) != trained and "resumed from" not in _text(log)
-    assert len(client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])) == 2
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ptsam").experiment_id], order_by=["attributes.start_time DESC"]
+    )
+    assert len(runs) == 2 and runs[0].data.params["a_min"] == "-100.0"
+    assert read_recipe(model)["a_min"] == -100.0
 
 
 def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import monai_bundle
+from scripts.data.datasets import load_datalist
 from scripts.data.io import read_image
 
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
@@ -47,6 +48,13 @@ def test_evaluation_csv_matches_a_recomputation(synthetic, trained, tmp_path):
     assert "foreground" in done.stdout and "Dice" in done.stdout
     rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
     assert len(rows) == 2 and {r["class"] for r in rows} == {"foreground"}
+    # by default the held-out test images, none of which trained or chose the prompts
+    assert {r["split"] for r in rows} == {"test"} and "scored on the test split" in done.stdout + done.stderr
+    test_names = {Path(e["image"]).name for e in load_datalist(synthetic / "microscopy", "test")}
+    chose = load_datalist(synthetic / "microscopy", "training") + load_datalist(synthetic / "microscopy", "validation")
+    assert {Path(r["image"]).name for r in rows} == test_names and test_names.isdisjoint(
+        Path(e["image"]).name for e in chose
+    )
     assert all(0 <= float(r[k]) <= 1 for r in rows for k in ("dice", "iou"))
     assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 1
     # The same model's written predictions, compared with the labels independently.
@@ -64,10 +72,10 @@ def test_evaluation_csv_matches_a_recomputation(synthetic, trained, tmp_path):
 
 
 def test_inference_keeps_shape_and_geometry_of_volumes_and_dicom(synthetic, trained, tmp_path):
-    done = _infer(synthetic / "ct", trained, tmp_path, "--intensity", "window")
+    done = _infer(synthetic / "ct", trained, tmp_path)  # the recipe of model.pt: only geometry matters here
     assert done.returncode == 0, done.stderr[-3000:]
     pairs = dict(line.split("wrote ", 1)[1].split(" -> ") for line in done.stdout.splitlines() if " wrote " in line)
-    # the test list: the DICOM series ct_004, its NIfTI twin ct_004.nii.gz, and ct_005.nii.gz
+    # the test list: the DICOM series ct_006, its NIfTI twin ct_006.nii.gz, and ct_007.nii.gz
     assert len(pairs) == 3 and len(set(pairs.values())) == 3
     for source, written in pairs.items():
         image, meta = read_image(source)
@@ -111,8 +119,15 @@ def test_crafted_pickle_as_model_is_refused(synthetic, tmp_path):
     assert not (Path("PWNED").exists() or (tmp_path / "PWNED").exists())
 
 
-def test_native_scale_inference(synthetic, trained, tmp_path):
-    done = _infer(synthetic / "microscopy", trained, tmp_path, "--scale", "native")
+def test_native_scale_inference(synthetic, tmp_path):
+    native = tmp_path / "native"  # trained at native scale: model.pt records it, inference follows
+    done = monai_bundle(
+        "run", "training", "--config_file", "configs/train.yaml", "--sam_variant", "tiny", "--epochs", "1",
+        "--scale", "native", "--dataset_dir", str(synthetic / "microscopy"),
+        "--output_dir", str(native / "eval"), "--ckpt_dir", str(native / "models"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _infer(synthetic / "microscopy", native, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     for written in tmp_path.glob("*_seg.tif"):
         image, _ = read_image(synthetic / "microscopy" / "imagesTr" / written.name.replace("_seg", ""))

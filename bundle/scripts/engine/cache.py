@@ -144,8 +144,8 @@ def prepare_batch(cached: bool) -> Callable:
     def prepare(batch: Mapping, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> tuple:
         inputs = batch["embedding"] if cached else batch["image"]
         inputs = inputs.to(device=device, non_blocking=non_blocking, **kwargs)
-        label = batch.get("label")
-        label = None if label is None else label.to(device=device, non_blocking=non_blocking, **kwargs)
+        label = batch.get("label")  # inference: absent, or a path nobody loaded
+        label = label.to(device=device, non_blocking=non_blocking, **kwargs) if torch.is_tensor(label) else None
         return inputs, label, (), {"embedded": True} if cached else {}
 
     return prepare
