@@ -18,6 +18,14 @@ def init() -> None:
         torch.cuda.set_device(local_device())
 
 
+def finish() -> None:
+    """Leave the process group together: a rank that tears down gloo while another still works
+    (rank 0 writes model.pt and the MLflow run last) can abort the job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def unwrap(network: Any) -> Any:
     """The network inside DistributedDataParallel / DataParallel; anything else as it is."""
     return getattr(network, "module", network)
