@@ -60,7 +60,6 @@ def test_without_validation_images_the_final_prompts_are_saved(synthetic, tmp_pa
 
 def test_a_batch_may_mix_volume_slices_and_2d_images(synthetic):
     """MONAI Label's datalist is whatever was labelled: NIfTI volumes beside TIFF fields."""
-
     case = {"ct": "ct_000.nii.gz", "microscopy": "cells_000.tif"}
     data = [{k: str(synthetic / m / f"{k}sTr" / name) for k in ("image", "label")} for m, name in case.items()]
     parser = ConfigParser()

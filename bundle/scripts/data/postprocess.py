@@ -88,7 +88,7 @@ class InstanceLabelsd(MapTransform):
 
 
 class WriteLabeld(MapTransform):
-    """Write each (1, *spatial) label in its input's format and geometry (``scripts.io.writers``);
+    """Write each (1, *spatial) label in its input's format and geometry (``scripts.data.io.writers``);
     the written path goes to ``<key>_path``. Two inputs of one name (``a/x.png``, ``b/x.png``, or
     a DICOM folder ``ct_1`` beside ``ct_1.nii.gz``) get ``x_seg.png`` and ``x_seg_2.png``."""
 

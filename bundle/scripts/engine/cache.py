@@ -32,6 +32,7 @@ from .distributed import unwrap
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2  # what a cache file holds; raise it when that changes
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # float16: half the disk and memory
 
 
 def use_cache(cache_embeddings: bool | None, n_ie_prompts: int, augment: bool = False, scale: str = "resize") -> bool:
@@ -54,7 +55,8 @@ class EncodeImaged(MapTransform):
     """Image (3, S, S) or slice stack (3, n, S, S) -> ``embedding`` (256, S/16, S/16) or
     (256, n, ...) with the image's metadata; the image stays (its metadata places the
     prediction). ``cache_dir=None`` keeps the cache in memory only; ``enabled=False`` adds
-    nothing (the configs switch the cache with it)."""
+    nothing (the configs switch the cache with it). ``dtype="float16"`` keeps embeddings at
+    half the size on disk and in memory; the network still gets float32."""
 
     def __init__(
         self,
@@ -66,6 +68,7 @@ class EncodeImaged(MapTransform):
         device: str | torch.device | None = None,
         batch_size: int = 8,
         ram_mb: float = 1024,
+        dtype: str = "float32",
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -76,10 +79,13 @@ class EncodeImaged(MapTransform):
         self.device = device
         self.batch_size = batch_size
         self.ram_bytes = int(float(ram_mb) * 2**20)
+        if dtype not in _DTYPES:
+            raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dtype = _DTYPES[dtype]  # as kept on disk and in memory; the network gets float32
         self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
         self.held_bytes = 0
         net = self.network
-        self.version = f"{CACHE_FORMAT}:{encoder_version()}:{net.fused_attention}:{net.backbone.fingerprint}"
+        self.version = f"{CACHE_FORMAT}:{encoder_version()}:{net.fused_attention}:{net.backbone.fingerprint}:{dtype}"
 
     def key_of(self, image: torch.Tensor) -> str:
         digest = hashlib.sha256(self.version.encode())
@@ -106,6 +112,9 @@ class EncodeImaged(MapTransform):
             self.held_bytes -= old.numel() * old.element_size()
 
     def embedding(self, image: torch.Tensor) -> torch.Tensor:
+        return self._stored(image).float()
+
+    def _stored(self, image: torch.Tensor) -> torch.Tensor:
         key = self.key_of(image)
         if key in self.memory:
             self.memory.move_to_end(key)
@@ -118,7 +127,7 @@ class EncodeImaged(MapTransform):
             except Exception as err:  # a damaged cache file is recomputed
                 logger.warning("embedding cache file %s unreadable (%s): recomputing", path, err)
         if value is None:
-            value = self._encode(image)
+            value = self._encode(image).to(self.dtype)
             if path is not None:
                 atomic_torch_save(value, path)
         self._remember(key, value)
