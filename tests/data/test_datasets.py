@@ -46,6 +46,17 @@ def test_dataset_json_sections(synthetic):
     assert infer[0]["image"].endswith("dicom/ct_006") and len(infer) == 3 and "label" not in infer[0]
 
 
+def test_an_image_in_two_splits_is_refused(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        _png(tmp_path / name, _cells())
+        _png(tmp_path / f"mask_{name}", _mask())
+    entry = {"image": "a.png", "label": "mask_a.png"}
+    spec = {"training": [entry, {"image": "b.png", "label": "mask_b.png"}], "test": [entry]}
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(DatasetError, match=r"a.png: listed under both training and test"):
+        load_datalist(tmp_path, "test")
+
+
 def test_without_a_test_set_one_is_carved_out_before_validation(tmp_path):
     for i in range(20):
         _png(tmp_path / "imagesTr" / f"case{i}.png", _cells())

@@ -96,6 +96,20 @@ def _inference_items(root: Path, content: dict | None) -> list[dict]:
     return [{"image": p} for p in images]
 
 
+def _refuse_shared_images(root: Path, splits: Mapping[str, Sequence[Mapping]]) -> None:
+    """A case listed in two splits would be scored on what trained or chose the prompts."""
+    seen: dict[str, str] = {}
+    problems = []
+    for name, items in splits.items():
+        for item in items:
+            image = str(item["image"])
+            if image in seen and seen[image] != name:
+                problems.append(f"{image}: listed under both {seen[image]} and {name} in {root}")
+            seen.setdefault(image, name)
+    if problems:
+        raise DatasetError(problems)
+
+
 def load_datalist(
     dataset_dir: str | Path, section: str = "training", val_fraction: float = 0.2, test_fraction: float = 0.2
 ) -> list[dict]:
@@ -125,6 +139,7 @@ def load_datalist(
         training, test = held_out(training, test_fraction, salt="test:")
     if not validation:
         training, validation = held_out(training, val_fraction)
+    _refuse_shared_images(root, {"training": training, "validation": validation, "test": test})
     if section == "test" and not test:
         raise DatasetError(
             [
