@@ -51,19 +51,27 @@ def network_meta(net: nn.Module) -> dict[str, Any]:
     }
 
 
+def _json_bytes(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(dict(value), sort_keys=True).encode()
+
+
+def _as_tensor(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+
+
 def encode_meta(meta: Mapping[str, Any]) -> torch.Tensor:
+    """``ptsam_meta``: JSON padded to ``META_BYTES``, so every network's entry has one shape."""
     meta = dict(meta)
-    raw = json.dumps(meta, sort_keys=True).encode()
+    raw = _json_bytes(meta)
     if len(raw) > META_BYTES:  # only the informative source path can be long
         meta["backbone_source"] = "..." + str(meta["backbone_source"])[len(raw) - META_BYTES + 3 :]
-        raw = json.dumps(meta, sort_keys=True).encode()
-    return torch.frombuffer(bytearray(raw.ljust(META_BYTES, b"\0")), dtype=torch.uint8).clone()
+        raw = _json_bytes(meta)
+    return _as_tensor(raw.ljust(META_BYTES, b"\0"))
 
 
 def encode_json(value: Mapping[str, Any]) -> torch.Tensor:
     """JSON as a uint8 tensor: a state-dict entry every MONAI tool carries like a weight."""
-    raw = json.dumps(dict(value), sort_keys=True).encode()
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+    return _as_tensor(_json_bytes(value))
 
 
 def decode_meta(value: Any) -> dict[str, Any] | None:
