@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ def test_two_processes_keep_identical_prompts_and_write_one_model(synthetic, tmp
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(Path(__file__).with_name("ddp_worker.py")), str(BUNDLE), str(synthetic / "microscopy"), str(tmp_path)],
         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # an abort shows where each rank was
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     # 4 training images over 2 ranks, batch size 4: one batch of 2 per rank and epoch
