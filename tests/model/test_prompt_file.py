@@ -186,3 +186,15 @@ def test_loading_does_not_mutate_the_callers_dict():
     keys = set(state)
     _net().load_state_dict(state)
     assert set(state) == keys  # the meta entry is consumed from a copy, not from the caller's dict
+
+
+def test_meta_averaged_by_a_federated_server_still_loads():
+    """A server averages every entry: the mean of equal bytes is those bytes as floats."""
+    net = quiet(PTSAM, "tiny")
+    state = net.state_dict()
+    averaged = {**state, META_KEY: state[META_KEY].double()}
+    net.load_state_dict(averaged)
+    assert decode_meta(averaged[META_KEY]) == decode_meta(state[META_KEY])
+    mixed = {**state, META_KEY: state[META_KEY].double() + 0.5}  # sites that disagreed
+    with pytest.raises(IncompatibleCheckpointError, match="not a PTSAM prompt checkpoint"):
+        net.load_state_dict(mixed)

@@ -48,7 +48,9 @@ class TrainingState:
         atomic_torch_save(state, self.path)
 
     def load(self, trainer: Engine) -> None:
-        if not self.resume or not self.path.is_file():
+        # Only a fresh trainer resumes: one that runs again in the same process (MONAI FL's
+        # rounds) goes on from what it holds, the global weights just copied in.
+        if not self.resume or not self.path.is_file() or trainer.state.iteration > 0:
             return
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         for name, obj in self.objects.items():

@@ -75,9 +75,16 @@ def encode_json(value: Mapping[str, Any]) -> torch.Tensor:
 
 
 def decode_meta(value: Any) -> dict[str, Any] | None:
-    """The JSON object in a ``ptsam_meta`` or ``ptsam_recipe`` entry; None if it is absent or not one."""
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
+    """The JSON object in a ``ptsam_meta`` or ``ptsam_recipe`` entry; None if it is absent or not one.
+
+    The bytes may arrive as another dtype: a federated server averages every entry of the state
+    dict, and the mean of equal bytes is the same bytes as floats."""
+    if not isinstance(value, torch.Tensor) or value.ndim != 1:
         return None
+    if value.dtype != torch.uint8:
+        if value.is_complex() or bool(((value != value.round()) | (value < 0) | (value > 255)).any()):
+            return None
+        value = value.to(torch.uint8)
     try:
         meta = json.loads(value.cpu().numpy().tobytes().rstrip(b"\0"))
     except ValueError:
