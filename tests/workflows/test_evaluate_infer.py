@@ -4,6 +4,7 @@ bad inputs reported while the rest is processed."""
 from __future__ import annotations
 
 import csv
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 from helpers import monai_bundle
 from scripts.data.datasets import load_datalist
 from scripts.data.io import read_image
+from scripts.data.io.geojson import rasterise
+from scripts.data.postprocess import instance_labels
 
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
 
@@ -132,3 +135,25 @@ def test_native_scale_inference(synthetic, tmp_path):
     for written in tmp_path.glob("*_seg.tif"):
         image, _ = read_image(synthetic / "microscopy" / "imagesTr" / written.name.replace("_seg", ""))
         assert read_image(written)[0].shape == (1, *image.shape[1:])
+
+
+def test_geojson_polygons_for_qupath_match_the_written_labels(synthetic, trained, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("cells_004.tif", "cells_005.tif"):
+        shutil.copy(synthetic / "microscopy" / "imagesTr" / name, folder / name)
+    shutil.copy(synthetic / "ct" / "imagesTr" / "ct_000.nii.gz", folder / "ct_000.nii.gz")
+    done = _infer(folder, trained, tmp_path / "out", "--geojson", "true")
+    assert done.returncode == 1  # the volume is refused before inference, by name; the rest is written
+    assert "ct_000.nii.gz: a volume" in done.stdout + done.stderr and "2 written, 1 failed" in done.stdout
+    for name in ("cells_004", "cells_005"):
+        collection = json.loads((tmp_path / "out" / f"{name}_seg.geojson").read_text())
+        label, _ = read_image(tmp_path / "out" / f"{name}_seg.tif")
+        label = np.asarray(label[0]).astype(np.int64)
+        assert collection["type"] == "FeatureCollection"
+        assert {f["properties"]["classification"]["name"] for f in collection["features"]} <= {"foreground"}
+        drawn = rasterise(collection, label.shape)
+        union = np.logical_or(drawn > 0, label > 0).sum()
+        assert union == 0 or np.logical_and(drawn > 0, label > 0).sum() / union >= 0.95
+        n_objects = len(np.unique(instance_labels(label))) - 1
+        assert len(collection["features"]) == n_objects

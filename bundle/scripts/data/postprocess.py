@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from scipy import ndimage
 
 from ..common.flags import flag
 from .io import write_label
+from .io.geojson import label_features, write_geojson
 from .io.writers import output_path
 from .meta import meta_int, meta_of
 
@@ -87,21 +89,19 @@ class InstanceLabelsd(MapTransform):
         return d
 
 
-class WriteLabeld(MapTransform):
-    """Write each (1, *spatial) label in its input's format and geometry (``scripts.data.io.writers``);
-    the written path goes to ``<key>_path``. Two inputs of one name (``a/x.png``, ``b/x.png``, or
-    a DICOM folder ``ct_1`` beside ``ct_1.nii.gz``) get ``x_seg.png`` and ``x_seg_2.png``."""
+class _OutputNames:
+    """Output paths unique within a run: two inputs of one name (``a/x.png``, ``b/x.png``, or a
+    DICOM folder ``ct_1`` beside ``ct_1.nii.gz``) get ``x_seg.png`` and ``x_seg_2.png``."""
 
-    def __init__(
-        self, keys: KeysCollection = "pred", ref_key: str = "image", output_dir: str = ".", postfix: str = "seg", **kw
-    ):
-        super().__init__(keys, kw.pop("allow_missing_keys", False))
-        self.ref_key, self.output_dir, self.postfix = ref_key, output_dir, postfix
+    def __init__(self, output_dir: str | Path, postfix: str, extension: str | None = None):
+        self.output_dir, self.postfix, self.extension = output_dir, postfix, extension
         self.written: dict[Path, str] = {}  # output -> the input it was written for, in this run
 
-    def _path_for(self, meta: dict) -> Path:
+    def __call__(self, meta: Mapping) -> Path:
         path = output_path(meta, self.output_dir, self.postfix)
         suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        if self.extension is not None:
+            path, suffix = path.with_name(path.name[: -len(suffix)] + self.extension), self.extension
         source, candidate, n = str(meta["filename_or_obj"]), path, 1
         while self.written.get(candidate, source) != source:
             n += 1
@@ -109,13 +109,72 @@ class WriteLabeld(MapTransform):
         self.written[candidate] = source
         return candidate
 
+
+def _reference_meta(d: Mapping, ref_key: str) -> dict:
+    meta = dict(meta_of(d, ref_key))
+    meta["affine"] = np.asarray(torch.as_tensor(meta["affine"]).reshape(4, 4).cpu(), dtype=np.float64)
+    meta["spatial_shape"] = tuple(meta_int(s) for s in meta["spatial_shape"])
+    return meta
+
+
+def _label_array(value: Any) -> np.ndarray:
+    return torch.as_tensor(value)[0].round().to(torch.int64).cpu().numpy()
+
+
+class WriteLabeld(MapTransform):
+    """Write each (1, *spatial) label in its input's format and geometry (``scripts.data.io.writers``);
+    the written path goes to ``<key>_path``; names stay unique within a run (``_OutputNames``)."""
+
+    def __init__(
+        self, keys: KeysCollection = "pred", ref_key: str = "image", output_dir: str = ".", postfix: str = "seg", **kw
+    ):
+        super().__init__(keys, kw.pop("allow_missing_keys", False))
+        self.ref_key, self.output_dir, self.postfix = ref_key, output_dir, postfix
+        self.names = _OutputNames(output_dir, postfix)
+
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        meta = dict(meta_of(d, self.ref_key))
-        meta["affine"] = np.asarray(torch.as_tensor(meta["affine"]).reshape(4, 4).cpu(), dtype=np.float64)
-        meta["spatial_shape"] = tuple(meta_int(s) for s in meta["spatial_shape"])
+        meta = _reference_meta(d, self.ref_key)
         for key in self.key_iterator(d):
-            label = torch.as_tensor(d[key])[0].round().to(torch.int64).cpu().numpy()
-            path = self._path_for(meta)
+            label = _label_array(d[key])
+            path = self.names(meta)
             d[f"{key}_path"] = str(write_label(label, meta, self.output_dir, self.postfix, path=path))
+        return d
+
+
+class WriteGeoJSONd(MapTransform):
+    """Beside the label, ``<name>_seg.geojson``: each object of a 2D class label map as a polygon
+    classified by its class name, for QuPath (``scripts.data.io.geojson``); the path goes to
+    ``<key>_geojson_path``. Objects are connected components, split where touching if asked (as
+    ``InstanceLabelsd``). A volume is refused, naming the file: polygons are for 2D images."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        ref_key: str = "image",
+        output_dir: str = ".",
+        class_names: Sequence[str] = ("foreground",),
+        enabled: bool = True,
+        split_touching: bool = False,
+        postfix: str = "seg",
+        **kw,
+    ):
+        super().__init__(keys, kw.pop("allow_missing_keys", False))
+        self.ref_key, self.class_names = ref_key, list(class_names)
+        self.enabled, self.split_touching = flag(enabled), flag(split_touching)
+        self.names = _OutputNames(output_dir, postfix, ".geojson")
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        meta = _reference_meta(d, self.ref_key)
+        for key in self.key_iterator(d):
+            classes = _label_array(d[key])
+            source = str(meta["filename_or_obj"])
+            if classes.ndim != 2:
+                raise ValueError(f"{source}: GeoJSON polygons are for 2D images; this one is {classes.ndim}D")
+            objects = instance_labels(classes, self.split_touching)
+            collection = label_features(classes, objects, self.class_names, source)
+            d[f"{key}_geojson_path"] = str(write_geojson(collection, self.names(meta)))
         return d

@@ -9,7 +9,9 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from ..common.flags import flag
 from ..data.datasets import DEFAULT_MAX_VOXELS, check_case
+from ..data.io import probe_image
 
 logger = logging.getLogger(__name__)
 
@@ -18,11 +20,13 @@ class Screening:
     """Checks every input before inference starts (headers, then pixels); ``good`` lists
     the cases to run, ``failures`` the others with their problems."""
 
-    def __init__(self, items: Sequence[Mapping[str, Any]], max_voxels: int = DEFAULT_MAX_VOXELS):
+    def __init__(self, items: Sequence[Mapping[str, Any]], max_voxels: int = DEFAULT_MAX_VOXELS, only_2d: bool = False):
         self.good: list[dict] = []
         self.failures: list[str] = []
         for item in items:
             problems = check_case(item, max_voxels=max_voxels, require_label=False)
+            if not problems and flag(only_2d):
+                problems = _not_2d(item["image"])
             if problems:
                 self.failures += problems
                 logger.error("skipped: %s", "; ".join(problems))
@@ -49,3 +53,10 @@ class Screening:
             logger.error("  failed %s", problem)
         if self.failures:
             raise SystemExit(1)
+
+
+def _not_2d(image: str) -> list[str]:
+    shape = probe_image(image)["spatial_shape"]
+    if len(shape) == 2:
+        return []
+    return [f"{image}: a volume {tuple(shape)}; GeoJSON polygons (geojson: true) are for 2D images"]
