@@ -9,13 +9,16 @@ import pickle
 import shutil
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 
-from helpers import monai_bundle
+from helpers import BUNDLE, monai_bundle
 from scripts.data.datasets import load_datalist
 from scripts.data.io import read_image
 from scripts.data.io.geojson import rasterise
+from scripts.data.io.readers import series_files
 from scripts.data.postprocess import instance_labels
 
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
@@ -157,3 +160,23 @@ def test_geojson_polygons_for_qupath_match_the_written_labels(synthetic, trained
         assert union == 0 or np.logical_and(drawn > 0, label > 0).sum() / union >= 0.95
         n_objects = len(np.unique(instance_labels(label))) - 1
         assert len(collection["features"]) == n_objects
+
+
+def test_dicom_seg_for_a_dicom_series_matches_its_nifti_label(synthetic, trained, tmp_path):
+    done = _infer(synthetic / "ct", trained, tmp_path, "--dicom_seg", "true")
+    # the test list holds the DICOM series ct_006 and two NIfTI volumes: those are refused by name
+    assert done.returncode == 1
+    assert "ct_007.nii.gz: a nifti file; a DICOM SEG (dicom_seg: true) is made for DICOM inputs" in done.stdout
+    assert "1 written, 2 failed" in done.stdout
+    series = synthetic / "ct" / "dicom" / "ct_006"
+    seg = hd.seg.segread(tmp_path / "ct_006_seg.dcm")
+    label, _ = read_image(tmp_path / "ct_006_seg.nii.gz")
+    sources = [pydicom.dcmread(f) for f in series_files(str(series))]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["foreground"]
+    version = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    assert seg.SoftwareVersions == version
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in sources], combine_segments=True
+    )
+    assert np.array_equal(masks, np.transpose(np.asarray(label[0]).astype(np.int64), (2, 1, 0)))

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from ..common.flags import flag
 from .io import write_label
+from .io.dicom_seg import write_dicom_seg
 from .io.geojson import label_features, write_geojson
 from .io.writers import output_path
 from .meta import meta_int, meta_of
@@ -177,4 +178,40 @@ class WriteGeoJSONd(MapTransform):
             objects = instance_labels(classes, self.split_touching)
             collection = label_features(classes, objects, self.class_names, source)
             d[f"{key}_geojson_path"] = str(write_geojson(collection, self.names(meta)))
+        return d
+
+
+class WriteDicomSegd(MapTransform):
+    """Beside the label of a DICOM series, ``<name>_seg.dcm``: a DICOM Segmentation object of
+    its class label map, segments named by ``class_names`` (``scripts.data.io.dicom_seg``); the
+    path goes to ``<key>_dicom_seg_path``. Another format is refused, naming the file."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        ref_key: str = "image",
+        output_dir: str = ".",
+        class_names: Sequence[str] = ("foreground",),
+        enabled: bool = True,
+        version: str = "0",
+        postfix: str = "seg",
+        **kw,
+    ):
+        super().__init__(keys, kw.pop("allow_missing_keys", False))
+        self.ref_key, self.class_names, self.enabled = ref_key, list(class_names), flag(enabled)
+        self.version = str(version)
+        self.names = _OutputNames(output_dir, postfix, ".dcm")
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        meta = _reference_meta(d, self.ref_key)
+        source = str(meta["filename_or_obj"])
+        if meta["format"] != "dicom":
+            raise ValueError(f"{source}: a DICOM SEG is made for DICOM inputs, not {meta['format']}")
+        for key in self.key_iterator(d):
+            label = _label_array(d[key])
+            path = write_dicom_seg(label, source, self.class_names, self.names(meta), version=self.version)
+            d[f"{key}_dicom_seg_path"] = str(path)
         return d

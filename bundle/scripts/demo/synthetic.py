@@ -149,6 +149,8 @@ def write_dicom_series(volume: np.ndarray, affine: np.ndarray, folder: Path, see
         for tag, value in (
             ("0008|0060", "CT"),
             ("0010|0010", "SYNTHETIC^CT"),
+            ("0010|0020", "SYNTHETIC"),
+            ("0020|0052", series_uid + ".2"),  # FrameOfReferenceUID
             ("0020|000d", series_uid + ".1"),
             ("0020|000e", series_uid),
             ("0020|0013", str(k + 1)),

@@ -20,13 +20,19 @@ class Screening:
     """Checks every input before inference starts (headers, then pixels); ``good`` lists
     the cases to run, ``failures`` the others with their problems."""
 
-    def __init__(self, items: Sequence[Mapping[str, Any]], max_voxels: int = DEFAULT_MAX_VOXELS, only_2d: bool = False):
+    def __init__(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        max_voxels: int = DEFAULT_MAX_VOXELS,
+        only_2d: bool = False,
+        only_dicom: bool = False,
+    ):
         self.good: list[dict] = []
         self.failures: list[str] = []
         for item in items:
             problems = check_case(item, max_voxels=max_voxels, require_label=False)
-            if not problems and flag(only_2d):
-                problems = _not_2d(item["image"])
+            if not problems:
+                problems = _unfit(item["image"], flag(only_2d), flag(only_dicom))
             if problems:
                 self.failures += problems
                 logger.error("skipped: %s", "; ".join(problems))
@@ -55,8 +61,15 @@ class Screening:
             raise SystemExit(1)
 
 
-def _not_2d(image: str) -> list[str]:
-    shape = probe_image(image)["spatial_shape"]
-    if len(shape) == 2:
+def _unfit(image: str, only_2d: bool, only_dicom: bool) -> list[str]:
+    """Inputs an asked-for output cannot be made of (polygons of a volume, a SEG of a PNG)."""
+    if not (only_2d or only_dicom):
         return []
-    return [f"{image}: a volume {tuple(shape)}; GeoJSON polygons (geojson: true) are for 2D images"]
+    probe = probe_image(image)
+    problems = []
+    if only_2d and len(probe["spatial_shape"]) != 2:
+        shape = probe["spatial_shape"]
+        problems.append(f"{image}: a volume {shape}; GeoJSON polygons (geojson: true) are for 2D images")
+    if only_dicom and probe["format"] != "dicom":
+        problems.append(f"{image}: a {probe['format']} file; a DICOM SEG (dicom_seg: true) is made for DICOM inputs")
+    return problems

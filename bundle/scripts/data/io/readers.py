@@ -101,7 +101,7 @@ def _series_ids(folder: Path) -> list[str]:
         raise _fail(folder, f"cannot scan the DICOM files of this folder ({_reason(err)})") from err
 
 
-def _series_files(path: Any) -> list[str]:
+def series_files(path: Any) -> list[str]:
     import SimpleITK as sitk
 
     folder, uid = split_series(path)
@@ -155,7 +155,7 @@ def _check_spacing(reader: Any, image: Any, path: Any) -> None:
 def _read_dicom(path: Any) -> tuple[np.ndarray, dict]:
     import SimpleITK as sitk
 
-    files = _series_files(path)
+    files = series_files(path)
     folder = split_series(path)[0]
     if folder.is_dir():
         broken = _unparsed_files(folder)
@@ -198,7 +198,7 @@ def _read_dicom(path: Any) -> tuple[np.ndarray, dict]:
 def _probe_dicom(path: Any) -> tuple[tuple[int, ...], int]:
     import SimpleITK as sitk
 
-    files = _series_files(path)
+    files = series_files(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(files[0])
     try:
