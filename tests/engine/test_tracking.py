@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -9,9 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from monai.bundle import ConfigParser
 
-from helpers import monai_bundle
+from helpers import BUNDLE, REPO, monai_bundle
 
 TRAIN = "configs/train.yaml"
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
@@ -51,6 +55,9 @@ def test_training_is_tracked_in_the_local_store(synthetic, tmp_path):
     assert run.data.params["n_training_images"] == "4" and run.data.params["sam_variant"] == "tiny"
     assert run.data.params["random_weights"] == "True"  # tiny without a checkpoint: seeded random weights
     assert run.data.tags["bundle_version"] == "0.1.0" and run.data.tags["kind"] == "train"
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a clone: the commit is recorded where MLflow's UI shows it
+        assert run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
     # 4 training images, batch 4: one iteration per epoch
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in losses] == [1, 2] and len(client.get_metric_history(run.info.run_id, "lr")) == 2
@@ -171,3 +178,49 @@ def test_training_against_a_real_mlflow_server(synthetic, tmp_path, mlflow_serve
     assert len(client.get_metric_history(runs[0].info.run_id, "val_mean_dice")) == 2
     assert "model.pt" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert not (tmp_path / "eval" / "mlruns.db").exists()  # nothing went to the local store
+
+
+def test_sigterm_ends_the_run_killed_and_resuming_continues_it(synthetic, tmp_path):
+    args = ["--config_file", TRAIN, *_args(synthetic, tmp_path, "--epochs", "25", "--early_stop_patience", "0")]
+    command = [sys.executable, "-W", "ignore", "-m", "monai.bundle", "run", "training", *args]
+    state = tmp_path / "models" / "training_state.ckpt"
+    proc = subprocess.Popen(command, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    done_epochs = torch.load(state, weights_only=True)["epoch"]
+    assert 1 <= done_epochs < 25, "training must be stopped mid-run for this test"
+    client, runs = _runs(_store(tmp_path))
+    assert len(runs) == 1 and runs[0].info.status == "KILLED" and runs[0].data.tags["error"] == "SIGTERM"
+
+    resumed = monai_bundle("run", "training", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, runs = _runs(_store(tmp_path))
+    assert len(runs) == 1  # the same run, continued
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "1"
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    assert steps == set(range(1, 26))  # one iteration per epoch, before and after the interruption
+
+
+def test_an_error_during_training_ends_the_run_failed(synthetic, tmp_path):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / TRAIN))
+    parser.update(
+        {
+            "bundle_root": str(BUNDLE),
+            "dataset_dir": str(synthetic / "microscopy"),
+            "output_dir": str(tmp_path / "eval"),
+            "ckpt_dir": str(tmp_path / "models"),
+            "sam_variant": "tiny",
+            "device": "$torch.device('cpu')",
+            "loss": "$lambda prediction, target: 1 / 0",
+        }
+    )
+    with pytest.warns(UserWarning), pytest.raises(ZeroDivisionError):
+        parser.get_parsed_content("train#trainer").run()
+    _, runs = _runs(_store(tmp_path))
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["error"] == "ZeroDivisionError: division by zero"

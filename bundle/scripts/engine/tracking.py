@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,7 +32,7 @@ from ignite.engine import Engine, Events
 
 from ..common.flags import flag
 from .distributed import rank
-from .handlers import iteration_loss, numeric_metrics, on_validation
+from .handlers import iteration_loss, numeric_metrics, on_validation, remembered
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +104,16 @@ class TrackingRun:
         if self.enabled:
             check_reachable(self.uri, check_timeout)
 
-    def start(self) -> None:
-        """Create a new run (never reuse an earlier one, whatever its name)."""
+    def start(self, continue_run: str | None = None) -> None:
+        """Create a new run (never reuse an earlier one, whatever its name), or go on with
+        ``continue_run``, the run of the interrupted training this one resumes."""
         if not self.enabled or self.run_id is not None:
             return
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)
+        if continue_run and self._continue(continue_run):
+            return
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         if experiment is None:
             local = urlparse(self.uri).scheme not in ("http", "https")
@@ -116,15 +122,46 @@ class TrackingRun:
         else:
             experiment_id = experiment.experiment_id
         tags = {"bundle_version": bundle_version(), "kind": self.kind, "command": " ".join(sys.argv), **self.tags}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         for key, value in self.params.items():
             self.client.log_param(self.run_id, key, value)
         logger.info("MLflow run %s (%s) in %s", self.run_name, self.run_id, self.uri)
 
-    def log_param(self, key: str, value: Any) -> None:
+    def _continue(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            logger.warning("MLflow run %s of the interrupted training is not in %s: a new run", run_id, self.uri)
+            return False
+        if run.info.lifecycle_stage != "active":
+            return False
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
+        for key, value in self.params.items():
+            self.log_param(key, value, known=run.data.params)
+        logger.info("MLflow run %s (%s) continued in %s", run.info.run_name, run_id, self.uri)
+        return True
+
+    def log_param(self, key: str, value: Any, known: Mapping[str, str] | None = None) -> None:
+        """Log a parameter; one a continued run has already is kept (MLflow's values are final)."""
+        if not self.run_id:
+            return
+        if known is not None and key in known:
+            if known[key] != str(value):
+                logger.warning("MLflow run %s keeps %s=%s (this invocation: %s)", self.run_id, key, known[key], value)
+            return
+        self.client.log_param(self.run_id, key, value)
+
+    def set_tag(self, key: str, value: str) -> None:
         if self.run_id:
-            self.client.log_param(self.run_id, key, value)
+            self.client.set_tag(self.run_id, key, value)
 
     def log_metric(self, key: str, value: float, step: int) -> None:
         if self.run_id:
@@ -148,6 +185,29 @@ class TrackingRun:
             self.client.set_terminated(self.run_id, status)
 
 
+class Terminated(SystemExit):
+    """SIGTERM during training, raised in the main thread so the run can be closed as KILLED."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def git_commit() -> str | None:
+    """The commit of the bundle's repository, when it is one and git is there."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(BUNDLE), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and len(commit) == 40 else None
+
+
 class TrainTracking:
     """Attached to the trainer; validation metrics are logged when the evaluator completes."""
 
@@ -160,19 +220,45 @@ class TrainTracking:
         n_training_images: int | None = None,
     ):
         self.run, self.evaluator, self.optimizer = run, evaluator, optimizer
-        self.artifacts, self.n_training_images = list(artifacts), n_training_images
+        self.artifacts = list(artifacts)
+        if n_training_images is not None:
+            run.params.setdefault("n_training_images", n_training_images)
 
     def attach(self, trainer: Engine) -> None:
-        trainer.add_event_handler(Events.STARTED, self._start)
+        # The run's id is kept in the training state: a resumed training continues its run.
+        remembered(trainer, mlflow_run_id="")
+        # Started with the first epoch, after the training state (if any) has been loaded.
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._start)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         if self.evaluator is not None:
             on_validation(trainer, self.evaluator, self._validated)
         trainer.add_event_handler(Events.COMPLETED, self._complete)
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+        self._previous_sigterm: Any = None
 
     def _start(self, trainer: Engine) -> None:
-        self.run.start()
-        if self.n_training_images is not None:
-            self.run.log_param("n_training_images", self.n_training_images)
+        if self.run.run_id is not None:
+            return
+        self.run.start(continue_run=trainer.state.mlflow_run_id or None)
+        trainer.state.mlflow_run_id = self.run.run_id or ""
+        if self.run.run_id and threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+    def _failed(self, trainer: Engine, error: BaseException) -> None:
+        """Close the run as KILLED (SIGTERM, Ctrl-C) or FAILED, with the error as a tag; then
+        let the error go on (Ignite hands it to this handler instead of raising it)."""
+        self._restore_sigterm()
+        if self.run.run_id:
+            killed = isinstance(error, (KeyboardInterrupt, SystemExit))
+            reason = "SIGTERM" if isinstance(error, Terminated) else f"{type(error).__name__}: {error}"
+            self.run.set_tag("error", reason[:5000])
+            self.run.finish("KILLED" if killed else "FAILED")
+        raise error
 
     def _iteration(self, trainer: Engine) -> None:
         step = trainer.state.iteration
@@ -191,6 +277,7 @@ class TrainTracking:
         self.run.log_text(" ".join(sys.argv), "config/command.txt")
         for path in self.artifacts:
             self.run.log_artifact(path)
+        self._restore_sigterm()
         self.run.finish()
 
 
