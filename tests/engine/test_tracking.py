@@ -181,7 +181,8 @@ def test_training_against_a_real_mlflow_server(synthetic, tmp_path, mlflow_serve
 
 
 def test_sigterm_ends_the_run_killed_and_resuming_continues_it(synthetic, tmp_path):
-    args = ["--config_file", TRAIN, *_args(synthetic, tmp_path, "--epochs", "25", "--early_stop_patience", "0")]
+    args = ["--config_file", TRAIN, "--system_metrics_interval", "1"]
+    args += _args(synthetic, tmp_path, "--epochs", "25", "--early_stop_patience", "0")
     command = [sys.executable, "-W", "ignore", "-m", "monai.bundle", "run", "training", *args]
     state = tmp_path / "models" / "training_state.ckpt"
     proc = subprocess.Popen(command, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -203,6 +204,7 @@ def test_sigterm_ends_the_run_killed_and_resuming_continues_it(synthetic, tmp_pa
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "1"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
     assert steps == set(range(1, 26))  # one iteration per epoch, before and after the interruption
+    assert client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
 
 
 def test_an_error_during_training_ends_the_run_failed(synthetic, tmp_path):

@@ -91,6 +91,7 @@ class TrackingRun:
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, str] | None = None,
         check_timeout: float = 5.0,
+        system_metrics_interval: float = 0.0,
     ):
         self.enabled = flag(enabled) and rank() == 0
         self.output_dir = Path(output_dir)
@@ -101,6 +102,8 @@ class TrackingRun:
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
         self.run_id: str | None = None
         self.client: Any = None
+        self.system_metrics_interval = float(system_metrics_interval or 0)
+        self._monitor: Any = None
         if self.enabled:
             check_reachable(self.uri, check_timeout)
 
@@ -113,6 +116,7 @@ class TrackingRun:
 
         self.client = MlflowClient(tracking_uri=self.uri)
         if continue_run and self._continue(continue_run):
+            self._monitor_system(resume=True)
             return
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         if experiment is None:
@@ -130,6 +134,19 @@ class TrackingRun:
         for key, value in self.params.items():
             self.client.log_param(self.run_id, key, value)
         logger.info("MLflow run %s (%s) in %s", self.run_name, self.run_id, self.uri)
+        self._monitor_system(resume=False)
+
+    def _monitor_system(self, resume: bool) -> None:
+        """CPU, memory, disk and network (and GPUs, with nvidia-ml-py) as ``system/*`` metrics,
+        every ``system_metrics_interval`` seconds (MLflow's monitor, a background thread)."""
+        if self.system_metrics_interval <= 0:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=self.system_metrics_interval, resume_logging=resume, tracking_uri=self.uri
+        )
+        self._monitor.start()
 
     def _continue(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -181,6 +198,9 @@ class TrackingRun:
             self.client.log_text(self.run_id, text, name)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         if self.run_id:
             self.client.set_terminated(self.run_id, status)
 
