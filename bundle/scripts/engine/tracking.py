@@ -11,6 +11,10 @@ resolved by MONAI's parser (``config/resolved_config.json``), the command line a
 ``model.pt``. ``EvalTracking`` (an evaluator handler) logs the evaluation metrics,
 ``metrics.csv`` and the overlays. When MONAI's own ``--tracking mlflow`` adds its
 ``MLFlowHandler`` as well, ``one_tracker`` drops it, so nothing is logged twice.
+
+A training's run ends FINISHED, FAILED (an exception) or KILLED (SIGTERM, Ctrl-C), with the
+error as the ``error`` tag; its id is kept in the training state, so a resumed training goes on
+with the same run. The git commit is a tag; MLflow's system metrics monitor samples the machine.
 """
 
 from __future__ import annotations
