@@ -10,12 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 
-from helpers import BUNDLE, REPO, monai_bundle
+from helpers import BUNDLE, REPO, monai_bundle, quiet
+from scripts.data.io import read_image
+from scripts.model.prompt_file import IncompatibleCheckpointError
 
 TRAIN = "configs/train.yaml"
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
@@ -226,3 +230,31 @@ def test_an_error_during_training_ends_the_run_failed(synthetic, tmp_path):
     _, runs = _runs(_store(tmp_path))
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert runs[0].data.tags["error"] == "ZeroDivisionError: division by zero"
+
+
+def test_the_trained_prompts_are_a_registered_mlflow_model_that_segments(synthetic, tmp_path, tiny_sam_file):
+    args = _args(synthetic, tmp_path, "--epochs", "2", "--registered_model_name", "ptsam")
+    done = monai_bundle("run", "training", "--config_file", TRAIN, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _runs(_store(tmp_path))
+    version = client.get_model_version("ptsam", "1")
+    assert version.run_id == runs[0].info.run_id
+    image = str(synthetic / "microscopy" / "imagesTr" / "cells_000.tif")
+    inferred = monai_bundle(
+        "run", "inference", "--config_file", "configs/inference.yaml", "--sam_variant", "tiny",
+        "--dataset_dir", image, "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "pred"),
+    )  # fmt: skip
+    assert inferred.returncode == 0, inferred.stderr[-3000:]
+    expected, _ = read_image(tmp_path / "pred" / "cells_000_seg.tif")
+
+    mlflow.set_tracking_uri(_store(tmp_path))
+    try:
+        # the SAM weights it was trained on (here tiny's seeded random ones) are given at load time
+        model = mlflow.pyfunc.load_model("models:/ptsam/1", model_config={"sam_checkpoint": None})
+        (label,) = quiet(model.predict, [image])
+        assert np.array_equal(label, np.asarray(expected[0]))  # what the inference workflow writes
+        other = mlflow.pyfunc.load_model("models:/ptsam/1", model_config={"sam_checkpoint": str(tiny_sam_file)})
+        with pytest.raises(IncompatibleCheckpointError, match="backbone_fingerprint"):
+            quiet(other.predict, [image])
+    finally:
+        mlflow.set_tracking_uri(None)

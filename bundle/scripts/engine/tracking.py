@@ -201,6 +201,25 @@ class TrackingRun:
         if self.run_id:
             self.client.log_text(self.run_id, text, name)
 
+    def log_model(self, model_path: str | Path, registered_model_name: str | None = None) -> None:
+        """The prompts as an MLflow pyfunc model in this run (``scripts.mlflow_model``), registered
+        in the same store's model registry as ``registered_model_name`` when given."""
+        if not self.run_id:
+            return
+        import mlflow
+
+        from ..mlflow_model import log_model
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            with mlflow.start_run(run_id=self.run_id):
+                info = log_model(model_path, registered_model_name)
+        finally:
+            mlflow.set_tracking_uri(previous)
+        registered = f", registered as {registered_model_name}" if registered_model_name else ""
+        logger.info("MLflow model %s%s", info.model_uri, registered)
+
     def finish(self, status: str = "FINISHED") -> None:
         if self._monitor is not None:
             self._monitor.finish()
@@ -242,9 +261,12 @@ class TrainTracking:
         optimizer: Any = None,
         artifacts: Sequence[str | Path] = (),
         n_training_images: int | None = None,
+        model_path: str | Path | None = None,
+        registered_model_name: str | None = None,
     ):
         self.run, self.evaluator, self.optimizer = run, evaluator, optimizer
         self.artifacts = list(artifacts)
+        self.model_path, self.registered_model_name = model_path, registered_model_name or None
         if n_training_images is not None:
             run.params.setdefault("n_training_images", n_training_images)
 
@@ -301,6 +323,8 @@ class TrainTracking:
         self.run.log_text(" ".join(sys.argv), "config/command.txt")
         for path in self.artifacts:
             self.run.log_artifact(path)
+        if self.model_path is not None and Path(self.model_path).is_file():
+            self.run.log_model(self.model_path, self.registered_model_name)
         self._restore_sigterm()
         self.run.finish()
 
