@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -42,3 +43,14 @@ def monai_bundle(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         errors="replace",
         timeout=timeout,
     )
+
+
+def training_until_first_epoch(args: list[str], state: Path) -> subprocess.Popen:
+    """``python -m monai.bundle run training *args`` in the background, returned once it has saved
+    its first epoch to ``state`` (or ended, or 300 s passed)."""
+    command = [sys.executable, "-W", "ignore", "-m", "monai.bundle", "run", "training", *args]
+    proc = subprocess.Popen(command, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc

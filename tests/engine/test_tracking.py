@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 
-from helpers import BUNDLE, REPO, monai_bundle, quiet
+from helpers import BUNDLE, REPO, monai_bundle, quiet, training_until_first_epoch
 from scripts.data.io import read_image
 from scripts.model.prompt_file import IncompatibleCheckpointError
 
@@ -187,12 +187,8 @@ def test_training_against_a_real_mlflow_server(synthetic, tmp_path, mlflow_serve
 def test_sigterm_ends_the_run_killed_and_resuming_continues_it(synthetic, tmp_path):
     args = ["--config_file", TRAIN, "--system_metrics_interval", "1"]
     args += _args(synthetic, tmp_path, "--epochs", "25", "--early_stop_patience", "0")
-    command = [sys.executable, "-W", "ignore", "-m", "monai.bundle", "run", "training", *args]
     state = tmp_path / "models" / "training_state.ckpt"
-    proc = subprocess.Popen(command, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = training_until_first_epoch(args, state)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     done_epochs = torch.load(state, weights_only=True)["epoch"]

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from helpers import BUNDLE, monai_bundle, quiet
+from helpers import BUNDLE, monai_bundle, quiet, training_until_first_epoch
 from scripts.data.datasets import load_datalist
 from scripts.demo.synthetic import generate
 from scripts.model.network import PTSAM
@@ -103,12 +100,8 @@ def test_plain_run_trains_too_and_reuses_the_cache(synthetic, tmp_path):
 
 def test_resume_after_sigkill(synthetic, tmp_path):
     args = _train_args(synthetic / "microscopy", tmp_path, "--epochs", "25", "--early_stop_patience", "0")
-    command = [sys.executable, "-W", "ignore", "-m", "monai.bundle", "run", "training", *args]
     state = tmp_path / "models" / "training_state.ckpt"
-    proc = subprocess.Popen(command, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = training_until_first_epoch(args, state)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_epochs = torch.load(state, weights_only=True)["epoch"]

@@ -143,11 +143,11 @@ class WriteLabeld(MapTransform):
         return d
 
 
-class WriteGeoJSONd(MapTransform):
-    """Beside the label, ``<name>_seg.geojson``: each object of a 2D class label map as a polygon
-    classified by its class name, for QuPath (``scripts.data.io.geojson``); the path goes to
-    ``<key>_geojson_path``. Objects are connected components, split where touching if asked (as
-    ``InstanceLabelsd``). A volume is refused, naming the file: polygons are for 2D images."""
+class _WriteBeside(MapTransform):
+    """Beside the label, one more file per image, made from its class label map by ``write``;
+    its path goes to ``<key>_<kind>_path``. Off unless ``enabled``."""
+
+    kind, extension = "", ""
 
     def __init__(
         self,
@@ -156,62 +156,56 @@ class WriteGeoJSONd(MapTransform):
         output_dir: str = ".",
         class_names: Sequence[str] = ("foreground",),
         enabled: bool = True,
-        split_touching: bool = False,
-        postfix: str = "seg",
-        **kw,
-    ):
-        super().__init__(keys, kw.pop("allow_missing_keys", False))
-        self.ref_key, self.class_names = ref_key, list(class_names)
-        self.enabled, self.split_touching = flag(enabled), flag(split_touching)
-        self.names = _OutputNames(output_dir, postfix, ".geojson")
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        if not self.enabled:
-            return d
-        meta = _reference_meta(d, self.ref_key)
-        for key in self.key_iterator(d):
-            classes = _label_array(d[key])
-            source = str(meta["filename_or_obj"])
-            if classes.ndim != 2:
-                raise ValueError(f"{source}: GeoJSON polygons are for 2D images; this one is {classes.ndim}D")
-            objects = instance_labels(classes, self.split_touching)
-            collection = label_features(classes, objects, self.class_names, source)
-            d[f"{key}_geojson_path"] = str(write_geojson(collection, self.names(meta)))
-        return d
-
-
-class WriteDicomSegd(MapTransform):
-    """Beside the label of a DICOM series, ``<name>_seg.dcm``: a DICOM Segmentation object of
-    its class label map, segments named by ``class_names`` (``scripts.data.io.dicom_seg``); the
-    path goes to ``<key>_dicom_seg_path``. Another format is refused, naming the file."""
-
-    def __init__(
-        self,
-        keys: KeysCollection = "pred",
-        ref_key: str = "image",
-        output_dir: str = ".",
-        class_names: Sequence[str] = ("foreground",),
-        enabled: bool = True,
-        version: str = "0",
         postfix: str = "seg",
         **kw,
     ):
         super().__init__(keys, kw.pop("allow_missing_keys", False))
         self.ref_key, self.class_names, self.enabled = ref_key, list(class_names), flag(enabled)
-        self.version = str(version)
-        self.names = _OutputNames(output_dir, postfix, ".dcm")
+        self.names = _OutputNames(output_dir, postfix, self.extension)
+
+    def write(self, classes: np.ndarray, meta: Mapping, path: Path) -> Path:
+        raise NotImplementedError
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         if not self.enabled:
             return d
         meta = _reference_meta(d, self.ref_key)
+        for key in self.key_iterator(d):
+            d[f"{key}_{self.kind}_path"] = str(self.write(_label_array(d[key]), meta, self.names(meta)))
+        return d
+
+
+class WriteGeoJSONd(_WriteBeside):
+    """Beside the label, ``<name>_seg.geojson``: each object of a 2D class label map as a polygon
+    classified by its class name, for QuPath (``scripts.data.io.geojson``); the path goes to
+    ``<key>_geojson_path``. Objects are connected components, split where touching if asked (as
+    ``InstanceLabelsd``). A volume is refused, naming the file: polygons are for 2D images."""
+
+    kind, extension = "geojson", ".geojson"
+
+    def __init__(self, keys: KeysCollection = "pred", split_touching: bool = False, **kw):
+        super().__init__(keys, **kw)
+        self.split_touching = flag(split_touching)
+
+    def write(self, classes: np.ndarray, meta: Mapping, path: Path) -> Path:
+        objects = instance_labels(classes, self.split_touching)
+        return write_geojson(label_features(classes, objects, self.class_names, str(meta["filename_or_obj"])), path)
+
+
+class WriteDicomSegd(_WriteBeside):
+    """Beside the label of a DICOM series, ``<name>_seg.dcm``: a DICOM Segmentation object of
+    its class label map, segments named by ``class_names`` (``scripts.data.io.dicom_seg``); the
+    path goes to ``<key>_dicom_seg_path``. Another format is refused, naming the file."""
+
+    kind, extension = "dicom_seg", ".dcm"
+
+    def __init__(self, keys: KeysCollection = "pred", version: str = "0", **kw):
+        super().__init__(keys, **kw)
+        self.version = str(version)
+
+    def write(self, classes: np.ndarray, meta: Mapping, path: Path) -> Path:
         source = str(meta["filename_or_obj"])
         if meta["format"] != "dicom":
             raise ValueError(f"{source}: a DICOM SEG is made for DICOM inputs, not {meta['format']}")
-        for key in self.key_iterator(d):
-            label = _label_array(d[key])
-            path = write_dicom_seg(label, source, self.class_names, self.names(meta), version=self.version)
-            d[f"{key}_dicom_seg_path"] = str(path)
-        return d
+        return write_dicom_seg(classes, source, self.class_names, path, version=self.version)
