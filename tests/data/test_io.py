@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -11,11 +13,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import tifffile
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from scripts.common.files import atomic_write
 from scripts.data.io import ImageReadError, UnsupportedFileError, list_images, probe_image, read_image, write_label
 from scripts.data.io.formats import SERIES_SEP
+from scripts.data.io.readers import series_files
 from scripts.data.io.writers import output_path
 from scripts.demo.synthetic import ct_affine, ct_case, write_dicom_series
 
@@ -24,6 +27,15 @@ def _tiff(tmp_path: Path, array: np.ndarray, name: str = "x.tif", **kw) -> Path:
     path = tmp_path / name
     tifffile.imwrite(path, array, **kw)
     return path
+
+
+def _pydicom_file(name: str) -> Path:
+    """One of the test files in pydicom's wheel (never fetched from the network)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} is not among pydicom's installed test files"
+    return Path(path)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32])
@@ -141,9 +153,8 @@ def test_unrelated_dicom_files_are_separate_images(tmp_path):
 
 def test_single_real_dicom_file(tmp_path):
     from pydicom import dcmread
-    from pydicom.data import get_testdata_file
 
-    source = get_testdata_file("CT_small.dcm")
+    source = _pydicom_file("CT_small.dcm")
     array, meta = read_image(source)
     ds = dcmread(source)
     assert array.shape == (1, ds.Columns, ds.Rows) and meta["format"] == "dicom" and meta["axial_axis"] is None
@@ -153,6 +164,118 @@ def test_single_real_dicom_file(tmp_path):
     folder.mkdir()
     shutil.copy(source, folder / "image")  # no suffix: recognised by the DICM marker
     assert len(list_images(folder)[0]) == 1
+
+
+def _ct_series(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """6 slices 5 mm apart; slice k at LPS (40, 30, 20 + 5 k)."""
+    volume, _ = ct_case(np.random.default_rng(8), shape=(24, 20, 6))
+    affine = np.diag([0.8, 0.8, 5.0, 1.0])
+    affine[:3, 3] = (-40.0, -30.0, 20.0)
+    write_dicom_series(volume, affine, tmp_path / "series", seed=4)
+    return tmp_path / "series", volume, affine
+
+
+def _edit(path: Path, out: Path | None = None, **values) -> None:
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    if "SOPInstanceUID" in values:
+        ds.file_meta.MediaStorageSOPInstanceUID = values["SOPInstanceUID"]
+    ds.save_as(out or path)
+
+
+def test_a_copied_dicom_file_is_read_once(tmp_path, caplog):
+    series, volume, affine = _ct_series(tmp_path)
+    shutil.copy(series / "slice_003.dcm", series / "slice_003 (copy).dcm")  # the same instance twice
+    with caplog.at_level("WARNING"):
+        array, meta = read_image(series)
+    assert array.shape == (1, 24, 20, 6) and np.array_equal(array[0], volume)
+    assert np.allclose(meta["affine"], affine, atol=1e-4)  # 5 mm, not 25 mm / 6
+    assert meta["duplicates"] == ["slice_003 (copy).dcm"] and "slice_003 (copy).dcm" in caplog.text
+    assert probe_image(series)["spatial_shape"] == (24, 20, 6)
+    assert len(series_files(series)) == 6
+
+
+def test_one_instance_in_three_transfer_syntaxes_is_one_image(tmp_path):
+    folder = tmp_path / "mr"
+    folder.mkdir()
+    for name in ("MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm"):
+        shutil.copy(_pydicom_file(name), folder / name)
+    array, meta = read_image(folder)
+    alone, alone_meta = read_image(_pydicom_file("MR_small.dcm"))
+    assert array.shape == (1, 64, 64) and np.array_equal(array, alone)  # not 3 slices 1 mm apart
+    assert np.allclose(meta["affine"], alone_meta["affine"]) and meta["axial_axis"] is None
+    assert sorted(meta["duplicates"]) == ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm"]
+    assert probe_image(folder)["spatial_shape"] == (64, 64)
+
+
+def test_different_instances_at_one_position_are_refused(tmp_path):
+    series, _, _ = _ct_series(tmp_path)
+    _edit(series / "slice_003.dcm", series / "echo2.dcm", SOPInstanceUID="1.2.826.0.1.3680043.8.498.99")
+    expected = rf"^{re.escape(str(series))}: different instances at the same position .*: echo2.dcm, slice_003.dcm$"
+    for read in (read_image, probe_image):  # a header fault: found before any pixel is read
+        with pytest.raises(ImageReadError, match=expected):
+            read(series)
+
+
+@pytest.mark.parametrize("fault", ["missing", "shifted", "inserted"])
+def test_uneven_slice_spacing_is_refused(tmp_path, fault):
+    series, _, _ = _ct_series(tmp_path)
+    if fault == "missing":
+        (series / "slice_002.dcm").unlink()
+    elif fault == "shifted":  # 5, 6.5, 3.5, 5, 5 mm: no gap wider than 1.5 steps
+        _edit(series / "slice_002.dcm", ImagePositionPatient=[40.0, 30.0, 31.5])
+    else:  # another instance half-way between two slices: 7 slices at 4.17 mm
+        _edit(series / "slice_002.dcm", series / "extra.dcm", SOPInstanceUID="1.2.826.0.1.3680043.8.498.98")
+        _edit(series / "extra.dcm", ImagePositionPatient=[40.0, 30.0, 32.5])
+    with pytest.raises(ImageReadError, match=rf"{re.escape(str(series))}: slice spacing is not uniform: .* slice_00"):
+        read_image(series)
+
+
+def test_an_unreadable_dicom_file_spoils_only_its_own_series(tmp_path):
+    # MR_truncated.dcm is MR_small.dcm (same series and SOPInstanceUID) cut short in its pixel data.
+    from pydicom import dcmread
+
+    header, whole = (dcmread(_pydicom_file(n), stop_before_pixels=True) for n in ("MR_truncated.dcm", "MR_small.dcm"))
+    assert (header.SeriesInstanceUID, header.SOPInstanceUID) == (whole.SeriesInstanceUID, whole.SOPInstanceUID)
+    ct_uid = dcmread(_pydicom_file("CT_small.dcm"), stop_before_pixels=True).SeriesInstanceUID
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "MR_truncated.dcm"):
+        shutil.copy(_pydicom_file(name), both / name)
+    images, ignored = list_images(both)
+    assert sorted(images) == sorted(f"{both}{SERIES_SEP}{uid}" for uid in (ct_uid, whole.SeriesInstanceUID))
+    assert ignored == []
+    assert read_image(f"{both}{SERIES_SEP}{ct_uid}")[0].shape == (1, 128, 128)
+    mr, meta = read_image(f"{both}{SERIES_SEP}{whole.SeriesInstanceUID}")  # from the whole copy
+    assert mr.shape == (1, 64, 64) and meta["duplicates"] == ["MR_truncated.dcm"]
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(_pydicom_file("CT_small.dcm"), alone / "CT_small.dcm")
+    shutil.copy(
+        _pydicom_file("MR_truncated.dcm"), alone / "MR_truncated.dcm"
+    )  # its header reads: an MR series of one broken file
+    (alone / "cut.dcm").write_bytes(_pydicom_file("MR_small.dcm").read_bytes()[:600])  # its header does not
+    images, ignored = list_images(alone)
+    assert sorted(images) == sorted(f"{alone}{SERIES_SEP}{uid}" for uid in (ct_uid, whole.SeriesInstanceUID))
+    assert ignored == [f"{alone / 'cut.dcm'}: unreadable DICOM header (no Rows or Columns: truncated, or not an image)"]
+    assert read_image(f"{alone}{SERIES_SEP}{ct_uid}")[0].shape == (1, 128, 128)
+    mr = f"{alone}{SERIES_SEP}{whole.SeriesInstanceUID}"
+    with pytest.raises(ImageReadError, match=rf"^{re.escape(mr)}: unreadable DICOM pixel data in MR_truncated.dcm \("):
+        read_image(mr)
+
+
+def test_multi_frame_dicom_probe_matches_the_read(tmp_path):
+    source = _pydicom_file("rtdose.dcm")  # 15 frames of 10 x 10
+    array, meta = read_image(source)
+    assert array.shape == (1, 10, 10, 15) and probe_image(source)["spatial_shape"] == (10, 10, 15)
+    (tmp_path / "dose").mkdir()
+    shutil.copy(source, tmp_path / "dose" / "1.2.777.777.77.7.7777.7777.1")  # a UID for a name, as PACS exports
+    images, ignored = list_images(tmp_path)
+    assert len(images) == 1 and ignored == [] and read_image(images[0])[0].shape == (1, 10, 10, 15)
 
 
 def test_png_and_jpeg_modes(tmp_path):
@@ -168,6 +291,41 @@ def test_png_and_jpeg_modes(tmp_path):
     assert deep.shape == (1, 30, 40) and deep.max() > 255
     jpeg, meta = read_image(tmp_path / "photo.jpg")
     assert jpeg.shape == (3, 30, 40) and meta["format"] == "jpeg" and meta["source_dtype"] == "uint8"
+
+
+def _bilevel_png(path: Path, size: tuple[int, int]) -> Path:
+    """A 1-bit PNG of ``size`` (width, height) with one filled rectangle: a few kB on disk."""
+    img = Image.new("1", size, 0)
+    ImageDraw.Draw(img).rectangle((10, 20, size[0] // 3, size[1] // 2), fill=1)
+    img.save(path)
+    return path
+
+
+def test_max_voxels_not_pillows_limit_governs_png(tmp_path):
+    from scripts.engine.screening import Screening
+
+    # 14000 x 13000 = 182 M pixels: more than Pillow opens (2 x MAX_IMAGE_PIXELS = 179 M), within the
+    # default max_voxels (268 M).
+    path = _bilevel_png(tmp_path / "scan.png", (14000, 13000))
+    limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert probe_image(path)["spatial_shape"] == (13000, 14000)
+        array, _ = read_image(path)
+    assert array.shape == (1, 13000, 14000) and array[0, 20, 10] and not array[0, 0, 0]
+    del array
+    assert Image.MAX_IMAGE_PIXELS == limit  # the rest of the process keeps Pillow's guard
+    (failure,) = Screening([{"image": str(path)}], max_voxels=100_000_000).failures
+    assert failure.startswith(f"{path}: 182,000,000 values") and "budget max_voxels=100,000,000" in failure
+
+
+@pytest.mark.parametrize("name", ["small.png", "small.jpg"])
+def test_pillows_hard_limit_does_not_apply(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60 x 50 is above twice this: an error in Pillow
+    Image.fromarray(np.full((50, 60, 3), 99, np.uint8)).save(tmp_path / name)
+    assert probe_image(tmp_path / name)["spatial_shape"] == (50, 60)
+    assert read_image(tmp_path / name)[0].shape == (3, 50, 60)
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_unsupported_and_missing(tmp_path):

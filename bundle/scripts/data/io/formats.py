@@ -32,7 +32,10 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def looks_like_dicom(path: Path) -> bool:
-    return path.is_file() and (suffix_of(path) == ".dcm" or (path.suffix == "" and _is_dicom_file(path)))
+    """A ``.dcm`` file, or one with no image suffix that starts like DICOM (exports often name files
+    by UID, ``1.2.840....7``, or ``IM0001.IMA``)."""
+    suffix = suffix_of(path)
+    return path.is_file() and (suffix == ".dcm" or (suffix not in _SUFFIXES and _is_dicom_file(path)))
 
 
 def split_series(path: str | Path) -> tuple[Path, str | None]:

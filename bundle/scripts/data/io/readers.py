@@ -9,14 +9,20 @@ format, spatial shape, a 4 x 4 RAS ``affine`` (identity for formats without geom
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .formats import SERIES_SEP, detect_format, is_supported, looks_like_dicom, split_series
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+logger = logging.getLogger(__name__)
 
 
 class ImageReadError(ValueError):
@@ -84,39 +90,207 @@ def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
     return tuple(s for s in shape[:3] if s != 1) or shape[:2], channels
 
 
-# DICOM
+# DICOM: pydicom reads the headers, groups the files of a folder by SeriesInstanceUID, keeps one
+# file per instance and orders and checks the slices; SimpleITK then reads exactly those files.
+# A series whose headers do not describe one regular grid is refused, never resampled or guessed.
+
+_SLICE_TOL = 0.05  # how far a slice may lie off its place on the uniform grid, as a fraction of the step
+_HEADER_TAGS = [
+    "Modality",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SamplesPerPixel",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+]
+
+
+class _Slice(NamedTuple):
+    """What a DICOM file's header says about where its pixels belong."""
+
+    file: Path
+    series: str  # SeriesInstanceUID
+    instance: str  # SOPInstanceUID (the file's path where it has none)
+    number: int  # InstanceNumber
+    size: tuple[int, int, int, int]  # columns, rows, frames, samples per pixel
+    position: tuple[float, ...] | None  # ImagePositionPatient, LPS mm
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row, then column direction
+    modality: str
+    nbytes: int
+
+
+class _Series(NamedTuple):
+    slices: list[_Slice]  # in reading order, one per instance
+    duplicates: list[Path]  # further copies of those instances, left out
+    unreadable: list[str]  # problems of the folder's files that belong to no series
+
+
+def _floats(ds: Any, keyword: str, n: int) -> tuple[float, ...] | None:
+    value = ds.get(keyword)
+    return tuple(float(v) for v in value) if value is not None and len(value) == n else None
+
+
+def _header(file: Path) -> _Slice:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(file, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
+        slice_ = _Slice(
+            file=file,
+            series=str(ds.get("SeriesInstanceUID", "")),
+            instance=str(ds.get("SOPInstanceUID", "")) or str(file),
+            number=int(ds.get("InstanceNumber") or 0),
+            size=(
+                int(ds.get("Columns") or 0),
+                int(ds.get("Rows") or 0),
+                int(ds.get("NumberOfFrames") or 1),
+                int(ds.get("SamplesPerPixel") or 1),
+            ),
+            position=_floats(ds, "ImagePositionPatient", 3),
+            orientation=_floats(ds, "ImageOrientationPatient", 6),
+            modality=str(ds.get("Modality", "")).strip(),
+            nbytes=file.stat().st_size,
+        )
+    except Exception as err:
+        raise _fail(file, f"unreadable DICOM header ({_reason(err)})") from err
+    if not all(slice_.size[:2]):  # pydicom stops quietly where a file ends
+        raise _fail(file, "unreadable DICOM header (no Rows or Columns: truncated, or not an image)")
+    return slice_
+
+
+def _scan(folder: Path) -> tuple[dict[str, list[_Slice]], list[str]]:
+    """The DICOM files directly in ``folder`` by SeriesInstanceUID, and a problem for each file whose
+    header does not read: such a file belongs to no series, so it spoils none."""
+    try:
+        files = sorted(f for f in folder.iterdir() if not f.name.startswith(".") and looks_like_dicom(f))
+    except OSError as err:
+        raise _fail(folder, f"cannot list the files of this folder ({_reason(err)})") from err
+    series: dict[str, list[_Slice]] = {}
+    unreadable = []
+    for file in files:
+        try:
+            slice_ = _header(file)
+        except ImageReadError as err:
+            unreadable.append(str(err))
+            continue
+        if slice_.series:
+            series.setdefault(slice_.series, []).append(slice_)
+        else:
+            unreadable.append(f"{file}: unreadable DICOM header (no SeriesInstanceUID)")
+    return series, unreadable
+
+
+def _dicom_in(folder: Path) -> tuple[list[str], list[str]]:
+    """``folder::uid`` for every series of ``folder``, and a problem for each file that is in none."""
+    found, unreadable = _scan(folder)
+    return [f"{folder}{SERIES_SEP}{uid}" for uid in sorted(found)], unreadable
 
 
 def dicom_series_in(folder: Path) -> list[str]:
     """``folder::uid`` for every DICOM series directly in ``folder`` (grouped by SeriesInstanceUID)."""
-    return [f"{folder}{SERIES_SEP}{uid}" for uid in _series_ids(folder)]
+    return _dicom_in(folder)[0]
 
 
-def _series_ids(folder: Path) -> list[str]:
-    import SimpleITK as sitk
+def _names(files: Sequence[Path], limit: int = 4) -> str:
+    return ", ".join(f.name for f in files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
-    try:
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError as err:  # GDCM gives up on malformed files
-        raise _fail(folder, f"cannot scan the DICOM files of this folder ({_reason(err)})") from err
+
+def _series(path: Any) -> _Series:
+    """The slices that ``path`` (a file, a folder of one series, or ``folder::uid``) names."""
+    folder, uid = split_series(path)
+    if folder.is_file():
+        return _Series([_header(folder)], [], [])
+    if not folder.exists():
+        raise _fail(path, "no such file or folder")
+    found, unreadable = _scan(folder)
+    if uid is None:
+        if not found:
+            why = f" ({unreadable[0]}{' ...' if len(unreadable) > 1 else ''})" if unreadable else ""
+            raise _fail(path, f"no readable DICOM series in this folder{why}")
+        if len(found) > 1:
+            name = f"{folder}{SERIES_SEP}<SeriesInstanceUID>"
+            raise _fail(path, f"{len(found)} series in this folder; name one as '{name}'")
+        uid = next(iter(found))
+    if uid not in found:
+        raise _fail(path, f"no DICOM series {uid} in {folder}")
+    slices, duplicates = _one_per_instance(found[uid], path)
+    return _Series(_ordered(slices, path), duplicates, unreadable)
 
 
 def series_files(path: Any) -> list[str]:
-    import SimpleITK as sitk
+    """The files of the DICOM series ``path`` names, in the order the reader stacks them."""
+    return [str(s.file) for s in _series(path).slices]
 
-    folder, uid = split_series(path)
-    if folder.is_file():
-        return [str(folder)]
-    if uid is None:
-        uids = _series_ids(folder)
-        if len(uids) != 1:
-            found = f"{len(uids)} series" if uids else "no DICOM series"
-            raise _fail(path, f"{found} in this folder; name one as '{folder}{SERIES_SEP}<SeriesInstanceUID>'")
-        uid = uids[0]
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-    if not files:
-        raise _fail(path, f"no DICOM series {uid} in {folder}")
-    return list(files)
+
+def _one_per_instance(slices: list[_Slice], path: Any) -> tuple[list[_Slice], list[Path]]:
+    """Copies of an instance (one SOPInstanceUID) are read once: from the largest file, so that a
+    truncated copy is never preferred to a whole one, then the shortest name ('A.dcm', not 'A (copy).dcm')."""
+    copies: dict[str, list[_Slice]] = {}
+    for s in slices:
+        copies.setdefault(s.instance, []).append(s)
+    kept, duplicates = [], []
+    for group in copies.values():
+        group.sort(key=lambda s: (-s.nbytes, len(s.file.name), s.file.name))
+        first = group[0]
+        if any(s.position != first.position or s.size[:2] != first.size[:2] for s in group):
+            raise _fail(path, f"files with one SOPInstanceUID but different headers: {_names([s.file for s in group])}")
+        kept.append(first)
+        duplicates += [s.file for s in group[1:]]
+    return kept, duplicates
+
+
+def _normal(orientation: tuple[float, ...]) -> np.ndarray:
+    return np.cross(orientation[:3], orientation[3:])
+
+
+def _ordered(slices: list[_Slice], path: Any) -> list[_Slice]:
+    """The slices along their normal, refused unless they are one stack of equal planes."""
+    if len(slices) == 1:
+        return slices
+    first = slices[0]
+    if any(s.size[2] > 1 for s in slices):
+        raise _fail(path, f"{len(slices)} multi-frame files in one series; read each file on its own ({first.file})")
+    if any(s.size != first.size for s in slices):
+        raise _fail(path, f"slices of different sizes or channels: {_names([s.file for s in slices])}")
+    placed = [s for s in slices if s.position is not None and s.orientation is not None]
+    if not placed:  # no geometry to keep: the acquisition order
+        return sorted(slices, key=lambda s: (s.number, s.file.name))
+    if len(placed) < len(slices):
+        unplaced = [s.file for s in slices if s not in placed]
+        raise _fail(path, f"no ImagePositionPatient or ImageOrientationPatient in {_names(unplaced)}")
+    if any(not np.allclose(s.orientation, first.orientation, atol=1e-4) for s in slices):
+        raise _fail(path, f"slices of different orientations (a localizer?): {_names([s.file for s in slices])}")
+    normal = _normal(first.orientation)
+    slices = sorted(slices, key=lambda s: (float(np.dot(s.position, normal)), s.file.name))
+    _check_stack(slices, normal, path)
+    return slices
+
+
+def _check_stack(slices: list[_Slice], normal: np.ndarray, path: Any) -> None:
+    """Refuse positions that are no uniform grid along the normal: SimpleITK would stack them at
+    one mean spacing, so the volume's geometry would not be the headers'."""
+    points = np.array([s.position for s in slices])
+    depth = (points - points[0]) @ normal
+    gaps = np.diff(depth)
+    same = np.flatnonzero(gaps < max(_SLICE_TOL * float(np.median(gaps)), 1e-3))
+    if same.size:
+        files = list(dict.fromkeys(slices[j].file for i in same for j in (i, i + 1)))
+        raise _fail(path, f"different instances at the same position (multi-echo or multi-phase?): {_names(files)}")
+    step = depth[-1] / (len(slices) - 1)
+    if np.abs(depth - step * np.arange(len(slices))).max() > _SLICE_TOL * step:
+        i = int(np.argmax(np.abs(gaps - step)))
+        raise _fail(
+            path,
+            f"slice spacing is not uniform: {gaps[i]:.3g} mm between {slices[i].file.name} and "
+            f"{slices[i + 1].file.name}, {step:.3g} mm on average (missing or extra slices?)",
+        )
+    shift = np.linalg.norm(points - points[0] - np.outer(depth, normal), axis=1).max()
+    if shift > _SLICE_TOL * step:
+        raise _fail(path, f"slices shift by up to {shift:.3g} mm within their plane (a tilted gantry?)")
 
 
 def _sitk_affine(image: Any) -> np.ndarray:
@@ -128,56 +302,60 @@ def _sitk_affine(image: Any) -> np.ndarray:
     return _LPS_TO_RAS @ affine
 
 
-def _unparsed_files(folder: Path) -> list[str]:
-    """DICOM-looking files of ``folder`` that belong to no series: GDCM skipped them as broken."""
-    in_series = {str(Path(f)) for f in _all_series_files(folder)}
-    return sorted(str(f) for f in folder.iterdir() if looks_like_dicom(f) and str(f) not in in_series)
-
-
-def _all_series_files(folder: Path) -> list[str]:
+def _pixels_read(file: str) -> bool:
     import SimpleITK as sitk
 
-    return [f for uid in _series_ids(folder) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+    try:
+        sitk.ReadImage(file)
+    except RuntimeError:
+        return False
+    return True
 
 
-def _check_spacing(reader: Any, image: Any, path: Any) -> None:
-    """Refuse a series with missing slices: GDCM would stack the rest as if nothing were lost."""
-    if not all(reader.HasMetaDataKey(i, "0020|0032") for i in range(image.GetSize()[2])):
+def _read_pixels(files: list[str], path: Any) -> Any:
+    import SimpleITK as sitk
+
+    try:
+        if len(files) == 1:
+            return sitk.ReadImage(files[0])
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        return reader.Execute()
+    except RuntimeError as err:  # truncated or undecodable pixel data; SimpleITK does not say where
+        bad = [Path(f) for f in files if not _pixels_read(f)] if len(files) > 1 else [Path(files[0])]
+        where = f" in {_names(bad)}" if bad else ""
+        raise _fail(path, f"unreadable DICOM pixel data{where} ({_reason(err)})") from err
+
+
+def _check_geometry(image: Any, slices: list[_Slice], path: Any) -> None:
+    """The stacked volume must sit where the headers put its slices."""
+    if len(slices) < 2 or slices[0].position is None:
         return
-    normal = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
-    positions = [np.array(reader.GetMetaData(i, "0020|0032").split("\\"), float) for i in range(image.GetSize()[2])]
-    gaps = np.diff(np.sort([p @ normal for p in positions]))
-    if gaps.size > 1 and gaps.max() > 1.5 * np.median(gaps):
-        gap, step = gaps.max(), np.median(gaps)
-        raise _fail(path, f"missing slices: a gap of {gap:.2f} mm where slices lie {step:.2f} mm apart")
+    first, last = np.array(slices[0].position), np.array(slices[-1].position)
+    normal = _normal(slices[0].orientation)
+    step = float((last - first) @ normal) / (len(slices) - 1)
+    axis = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    tol = _SLICE_TOL * step
+    if not (
+        image.GetSize()[2] == len(slices)
+        and np.allclose(image.GetOrigin(), first, atol=tol)
+        and abs(image.GetSpacing()[2] - step) <= tol
+        and np.allclose(axis, normal, atol=1e-3)
+    ):
+        raise _fail(path, f"the stacked volume does not match the slices' positions ({slices[0].file.name} ...)")
 
 
 def _read_dicom(path: Any) -> tuple[np.ndarray, dict]:
     import SimpleITK as sitk
 
-    files = series_files(path)
-    folder = split_series(path)[0]
-    if folder.is_dir():
-        broken = _unparsed_files(folder)
-        if broken:
-            names = ", ".join(Path(f).name for f in broken[:3]) + (" ..." if len(broken) > 3 else "")
-            raise _fail(path, f"{len(broken)} DICOM file(s) of this folder are unreadable (truncated?): {names}")
-    try:
-        if len(files) == 1:
-            image = sitk.ReadImage(files[0])
-            tags = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys()}
-        else:
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            reader.MetaDataDictionaryArrayUpdateOn()
-            image = reader.Execute()
-            _check_spacing(reader, image, path)
-            tags = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
-        data = sitk.GetArrayFromImage(image)  # z, y, x (and components last)
-    except ImageReadError:
-        raise
-    except Exception as err:  # truncated pixel data, not DICOM, unreadable
-        raise _fail(path, f"unreadable DICOM ({_reason(err)})") from err
+    series = _series(path)
+    if series.duplicates:
+        logger.warning("%s: read each instance once; left out duplicates %s", path, _names(series.duplicates))
+    for problem in series.unreadable:
+        logger.warning("%s: left out a file of its folder: %s", path, problem)
+    image = _read_pixels([str(s.file) for s in series.slices], path)
+    _check_geometry(image, series.slices, path)
+    data = sitk.GetArrayFromImage(image)  # z, y, x (and components last)
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
         data = data[None]
@@ -187,27 +365,19 @@ def _read_dicom(path: Any) -> tuple[np.ndarray, dict]:
         data = data[None]
     array = np.ascontiguousarray(np.transpose(data, (0, 3, 2, 1)))  # C, x, y, z
     affine = _sitk_affine(image)
-    modality = tags.get("0008|0060", "").strip()
     if array.shape[3] == 1:
         array, axial = array[..., 0], None
     else:
         axial = axial_axis_of(affine)
-    return array, _meta(path, "dicom", array, affine, axial, modality=modality, n_files=len(files))
+    extra = {"modality": series.slices[0].modality, "n_files": len(series.slices)}
+    return array, _meta(path, "dicom", array, affine, axial, **extra, duplicates=[f.name for f in series.duplicates])
 
 
 def _probe_dicom(path: Any) -> tuple[tuple[int, ...], int]:
-    import SimpleITK as sitk
-
-    files = series_files(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(files[0])
-    try:
-        reader.ReadImageInformation()
-    except Exception as err:
-        raise _fail(path, f"unreadable DICOM ({_reason(err)})") from err
-    size = tuple(reader.GetSize()[:2])
-    shape = size + ((len(files),) if len(files) > 1 else ())
-    return shape, reader.GetNumberOfComponents()
+    slices = _series(path).slices
+    columns, rows, frames, samples = slices[0].size
+    depth = len(slices) if len(slices) > 1 else frames
+    return (columns, rows) + ((depth,) if depth > 1 else ()), samples
 
 
 # TIFF
@@ -272,11 +442,34 @@ def _probe_tiff(path: Path) -> tuple[tuple[int, ...], int]:
 # PNG / JPEG
 
 
-def _read_pil(path: Path, fmt: str) -> tuple[np.ndarray, dict]:
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _without_pillow_limit() -> Iterator[None]:
+    """Lift Pillow's decompression-bomb limit for one open: the ``max_voxels`` budget, checked on the
+    probed shape before any pixel is read, governs every format. The limit is only checked while
+    opening and is restored at once, so the rest of the process keeps it."""
     from PIL import Image
 
+    with _PILLOW_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def _open_pil(path: Path) -> Any:
+    from PIL import Image
+
+    with _without_pillow_limit():
+        return Image.open(path)
+
+
+def _read_pil(path: Path, fmt: str) -> tuple[np.ndarray, dict]:
     try:
-        with Image.open(path) as img:
+        with _open_pil(path) as img:
             mode = img.mode
             if mode in ("RGBA", "LA", "PA"):
                 img = img.convert("RGB" if mode == "RGBA" else "L")
@@ -290,10 +483,8 @@ def _read_pil(path: Path, fmt: str) -> tuple[np.ndarray, dict]:
 
 
 def _probe_pil(path: Path, fmt: str) -> tuple[tuple[int, ...], int]:
-    from PIL import Image
-
     try:
-        with Image.open(path) as img:  # lazy: the header only
+        with _open_pil(path) as img:  # lazy: the header only
             w, h = img.size
             bands = len(img.getbands())
     except Exception as err:
@@ -333,7 +524,8 @@ def probe_image(path: str | Path) -> dict:
 
 
 def list_images(folder: str | Path) -> tuple[list[str], list[str]]:
-    """Images directly in ``folder`` (files, DICOM series, DICOM sub-folders), and the ignored rest."""
+    """Images directly in ``folder`` (files, DICOM series, DICOM sub-folders), and the ignored rest
+    (an unreadable DICOM file as '<file>: <problem>')."""
     folder = Path(folder)
     images, ignored = [], []
     loose_dicom = False
@@ -342,12 +534,12 @@ def list_images(folder: str | Path) -> tuple[list[str], list[str]]:
             continue
         if entry.is_dir():
             try:
-                series = dicom_series_in(entry)
+                series, unreadable = _dicom_in(entry)
             except ImageReadError as err:
-                series, entry = [], f"{entry} ({err})"
-            if series:
-                images += series
-            else:
+                series, unreadable = [], [str(err)]
+            images += series
+            ignored += unreadable
+            if not series and not unreadable:  # no DICOM in it
                 ignored.append(str(entry))
         elif looks_like_dicom(entry):
             loose_dicom = True
@@ -357,7 +549,9 @@ def list_images(folder: str | Path) -> tuple[list[str], list[str]]:
             ignored.append(str(entry))
     if loose_dicom:
         try:
-            images += dicom_series_in(folder)
+            series, unreadable = _dicom_in(folder)
         except ImageReadError as err:
-            ignored.append(str(err))
+            series, unreadable = [], [str(err)]
+        images += series
+        ignored += unreadable
     return images, ignored
