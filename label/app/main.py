@@ -13,22 +13,30 @@ What this adds to MONAI Label's bundle tasks, and why:
 - the label sent back is the file the bundle's own writer wrote (each input's format, axis
   order and geometry); MONAI Label's writer assumes MONAI's x-first 2D arrays and transposes
   our 2D results;
+- only the datastore's images are served: an image is named by its id (a DICOM series is a
+  sub-folder of the studies folder, its id the folder's name, as a DICOMweb datastore hands the
+  app a series folder), or is what this server itself received (an upload, a session). Any other
+  name or path is answered 404, the same whether or not a file exists there (MONAI Label reads
+  any path on the machine);
 - bad input is answered with an HTTP error that names the image and the problem (404 unknown
-  image, 415 unsupported file, 422 unreadable), where MONAI Label answers a bare 500;
+  image or model, 415 unsupported file, 422 unreadable), where MONAI Label answers a bare 500;
 - training never resumes an older run's state: every ``/train`` is a new MLflow-tracked run
   starting from the current ``model.pt``, with the preprocessing recipe recorded in it
   (inference reads that recipe through the bundle's own ``inference.yaml``);
-- a ``model.pt`` written by ``/train`` after start-up makes the model available at once.
+- a ``model.pt`` written by ``/train`` after start-up makes the model available at once (``/info``
+  lists it, as 3D Slicer reads it there).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import types
 from pathlib import Path
 from typing import Any
@@ -64,7 +72,10 @@ _import_monailabel_without_torchvision()
 
 import monailabel  # noqa: E402
 from monai.transforms import SaveImaged  # noqa: E402
+from monailabel.config import settings  # noqa: E402
+from monailabel.datastore.local import LocalDatastore  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.datastore import Datastore  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
@@ -130,6 +141,45 @@ def _read_error(err: BaseException) -> BaseException | None:
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+def _is_plain_name(name: str) -> bool:
+    """A datastore id or session name is a file name, never a path (MONAI Label's DICOMweb
+    datastore and sessions join it to their folder as it is)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name
+
+
+class StudiesDatastore(LocalDatastore):
+    """MONAI Label's local datastore, where a sub-folder of the studies folder that holds DICOM
+    files is an image too, its id the folder's name: the app gets the series folder, as from a
+    DICOMweb datastore (MONAI Label's own indexes files only)."""
+
+    def __init__(self, bundle: str, *args: Any, **kwargs: Any):
+        with _BundleImports(bundle):
+            from scripts.data.io.formats import looks_like_dicom  # the bundle's test: .dcm, or DICM
+
+        self._looks_like_dicom = looks_like_dicom
+        super().__init__(*args, **kwargs)
+
+    def _is_series(self, folder: Path) -> bool:
+        if folder.name.startswith(".") or not folder.is_dir():
+            return False
+        try:
+            return any(self._looks_like_dicom(entry) for entry in folder.iterdir())
+        except OSError:  # unreadable: not an image of this datastore
+            return False
+
+    def _list_files(self, path: str, patterns: Any) -> dict[str, str]:
+        files = super()._list_files(path, patterns)
+        if os.path.realpath(path) == os.path.realpath(self._datastore.image_path()):
+            files.update({entry.name: entry.name for entry in Path(path).iterdir() if self._is_series(entry)})
+        return files
+
+    def _to_id(self, file: str) -> tuple[str, str]:
+        # A series folder's name is its id whole: MONAI Label would take "1.2.840" for id "1", ext ".2.840".
+        if self._is_series(Path(self._datastore.image_path()) / file):
+            return file, ""
+        return super()._to_id(file)
 
 
 class PTSAMInferTask(BundleInferTask):
@@ -207,6 +257,12 @@ class PTSAMApp(MONAILabelApp):
                 self.bundle,
                 self.model_name,
             )
+        # Uploads (`/infer?file=`, `/session`) arrive as files in tempfile's folder: a folder of this
+        # server's own (mode 0700) is what tells them from paths elsewhere on the machine.
+        self.received_dir = tempfile.mkdtemp(prefix="ptsam-label-")
+        tempfile.tempdir = self.received_dir
+        atexit.register(shutil.rmtree, self.received_dir, True)
+        self._infers_lock = threading.Lock()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -214,6 +270,17 @@ class PTSAMApp(MONAILabelApp):
             name=f"PTSAM - prompt-tuned Segment Anything (MONAI Label {monailabel.__version__})",
             description="A frozen SAM steered by a few learned prompt tokens, trained from a handful of labels",
             version=json.loads((Path(self.bundle) / "configs" / "metadata.json").read_text())["version"],
+        )
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()  # DICOMweb and the like: their own series folders
+        return StudiesDatastore(
+            self.bundle,
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -224,15 +291,67 @@ class PTSAMApp(MONAILabelApp):
         task = PTSAMTrainTask(self.bundle, self.conf, self.overrides)
         return {self.model_name: task} if task.is_valid() else {}
 
-    def infer(self, request: dict, datastore: Any = None) -> dict:
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
-            if not (datastore or self.datastore()).get_image_uri(image):
-                raise HTTPException(status_code=404, detail=f"no image '{image}' in the datastore {self.studies}")
-        if request.get("model") == self.model_name and self.model_name not in self._infers:
-            self._infers = self.init_infers()  # model.pt written by /train since start-up
+    def _refresh_infers(self) -> None:
+        """Offer the model once ``/train`` (a subprocess of MONAI Label's) has written model.pt."""
+        if self.model_name in self._infers or not (Path(self.bundle) / "models" / "model.pt").is_file():
+            return
+        with self._infers_lock:  # /info and /infer may ask at once; the task is built once
             if self.model_name not in self._infers:
-                model = Path(self.bundle) / "models" / "model.pt"
-                detail = f"no trained prompts yet ({model}): label a few images, then POST /train/{self.model_name}"
-                raise HTTPException(status_code=409, detail=detail)
+                self._infers = self.init_infers()
+
+    def info(self) -> dict:
+        self._refresh_infers()
+        return super().info()
+
+    def _unknown_model(self, model: Any) -> HTTPException:
+        if model == self.model_name:
+            path = Path(self.bundle) / "models" / "model.pt"
+            detail = f"no trained prompts yet ({path}): label a few images, then POST /train/{self.model_name}"
+            return HTTPException(status_code=409, detail=detail)
+        models = ", ".join(sorted(self._infers)) or f"none until '{self.model_name}' is trained"
+        return HTTPException(status_code=404, detail=f"no model '{model}'; the models here: {models}")
+
+    def _received(self, image: str, request: dict) -> bool:
+        """Whether ``image`` is what this server was sent: an upload of this request, or the image
+        of the session it names."""
+        if os.path.dirname(image) == self.received_dir and os.path.isfile(image):
+            return True
+        session, sessions = request.get("session"), self.sessions()
+        if not isinstance(session, dict) or sessions is None or not _is_plain_name(str(session.get("name", ""))):
+            return False
+        info = sessions.get_session(session["name"], update_ts=False)
+        return info is not None and os.path.realpath(info.image) == os.path.realpath(image)
+
+    def _served_image(self, request: dict, datastore: Datastore) -> Any:
+        """What MONAI Label is given as the request's image: a datastore id, or what this server
+        received; anything else is 404 with one answer, so that no caller learns what exists."""
+        image = request.get("image")
+        if not isinstance(image, str):
+            return image  # an array handed over in-process (MONAI Label's batch inference)
+        if _is_plain_name(image):
+            uri = datastore.get_image_uri(image)
+            if not uri and isinstance(datastore, StudiesDatastore):
+                datastore.refresh()  # its file watcher does not see new series folders
+                uri = datastore.get_image_uri(image)
+            if uri:
+                # MONAI Label would take an existing path (in its working folder) before the id.
+                return uri if os.path.exists(image) else image
+        elif self._received(image, request):
+            return image
+        detail = f"no image '{image}' in the datastore (GET /datastore/?output=all lists its ids)"
+        raise HTTPException(status_code=404, detail=detail)
+
+    def infer(self, request: dict, datastore: Any = None) -> dict:
+        self._refresh_infers()
+        if request.get("model") not in self._infers:
+            raise self._unknown_model(request.get("model"))
+        # MONAI Label loads a `model_filename` of the request's params from any path it names.
+        files = self._infers[request["model"]].config().get("model_filename") or []
+        chosen = request.get("model_filename", files)
+        if chosen != files and chosen not in files:
+            raise HTTPException(
+                status_code=404, detail=f"no model file '{chosen}'; the model files here: {', '.join(files)}"
+            )
+        datastore = datastore or self.datastore()
+        request = {**request, "image": self._served_image(request, datastore)}
         return super().infer(request, datastore)

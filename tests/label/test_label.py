@@ -1,8 +1,10 @@
 """The bundle as a live model in the real MONAI Label 0.8.5 server (loopback only).
 
 The server runs from its own environment (`make label-setup`, about 90 s the first time), with
-`label/start.py` as `make label` starts it, on a copy of the bundle whose `model.pt` holds
-untrained prompts for the `tiny` generalist, until the test trains them through `/train`."""
+`label/start.py` as `make label` starts it (with one more allowed browser origin, as
+`make label CORS_ORIGINS=...` gives it), on a copy of the bundle without `model.pt`, as a new user
+starts: the first test trains it through `/train` (the `trained` fixture does where that test is
+not run), on the `tiny` generalist."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import nibabel as nib
 import numpy as np
@@ -26,14 +29,16 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from helpers import BUNDLE, REPO, monai_bundle, quiet
+from helpers import BUNDLE, REPO, monai_bundle
 from scripts.demo.synthetic import write_dicom_series
-from scripts.model.network import PTSAM
-from scripts.model.prompt_file import RECIPE_KEY, encode_json, read_recipe, save_prompts
+from scripts.model.prompt_file import RECIPE_KEY, encode_json, read_recipe
 
 pytestmark = pytest.mark.slow
 
 LABEL_PY = REPO / ".venv-label" / "bin" / "python"
+VIEWER = "http://viewer.example:8080"  # an origin allowed by CORS_ORIGINS, besides the local ones
+BOUNDARY = b"ptsam-form-8c1f0e"  # between the parts of multipart bodies (in none of the files sent)
+NOT_SERVED = "no image '{}' in the datastore (GET /datastore/?output=all lists its ids)"
 
 
 def _free_port() -> int:
@@ -67,10 +72,10 @@ def label_env() -> Path:
     return LABEL_PY
 
 
-def _start_server(label_env: Path, generalist: Path, bundle: Path, studies: Path, log: Path):
+def _start_server(label_env: Path, generalist: Path, bundle: Path, studies: Path, log: Path, env: dict):
     """`make label`'s start script on a free port, once it answers: (base URL, log, process)."""
     port = _free_port()
-    env = {**os.environ, "SAM_CHECKPOINT": str(generalist), "SAM_VARIANT": "tiny", "PYTHONPATH": ""}
+    env = {**os.environ, "SAM_CHECKPOINT": str(generalist), "SAM_VARIANT": "tiny", "PYTHONPATH": "", **env}
     command = [str(label_env), str(REPO / "label" / "start.py"), "--studies", str(studies)]
     command += ["--port", str(port), "--bundle", str(bundle)]
     with open(log, "w") as out:
@@ -95,14 +100,12 @@ def _bundle_copy(target: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(label_env, generalist, tmp_path_factory):
-    """A running server: (base URL, bundle copy, studies folder, work folder, log, process)."""
+    """A running server on a bundle without model.pt: (base URL, bundle copy, studies folder, work
+    folder, log, process)."""
     from scripts.demo.synthetic import generate
 
     root = tmp_path_factory.mktemp("label")
     bundle = _bundle_copy(root / "ptsam")
-    torch.manual_seed(0)
-    net = quiet(PTSAM, "tiny", str(generalist))
-    save_prompts(net, bundle / "models" / "model.pt")
 
     data = root / "synthetic"
     generate(str(data), seed=1, n_train=3, n_val=0, n_test=0, modalities="microscopy,ct")
@@ -114,25 +117,46 @@ def server(label_env, generalist, tmp_path_factory):
         shutil.copy(data / "microscopy" / "imagesTr" / f"cells_{i:03d}.tif", studies)
         shutil.copy(data / "microscopy" / "labelsTr" / f"cells_{i:03d}.tif", studies / "labels" / "final")
     ct = nib.load(data / "ct" / "imagesTr" / "ct_000.nii.gz")
-    write_dicom_series(np.asarray(ct.dataobj), ct.affine, root / "dicom" / "ct_000", seed=0)  # as a DICOMweb pull
+    # A series folder in the studies, image `ct_000_dicom` (a DICOMweb datastore's is its cache's folder).
+    write_dicom_series(np.asarray(ct.dataobj), ct.affine, studies / "ct_000_dicom", seed=0)
     (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     field = (data / "microscopy" / "imagesTr" / "cells_001.tif").read_bytes()
     (studies / "truncated.tif").write_bytes(field[: len(field) // 2])  # its header reads, its pixels do not
+    (studies / "notes.xml").write_text("not an image")  # MONAI Label lists *.xml (pathology) as images
+    shutil.copy(data / "microscopy" / "imagesTr" / "cells_002.tif", root / "outside.tif")  # not in the datastore
     (root / "notes.txt").write_text("not an image")
 
-    base, log, proc = _start_server(label_env, generalist, bundle, studies, root / "server.log")
+    env = {"CORS_ORIGINS": VIEWER, "MONAI_LABEL_SESSION_PATH": str(root / "sessions")}
+    base, log, proc = _start_server(label_env, generalist, bundle, studies, root / "server.log", env)
     yield base, bundle, studies, root, log, proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:  # stopped as Ctrl-C stops it, so that it removes its temporary folder
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _infer(base: str, image: str, params: dict | None = None) -> tuple[int, bytes, dict]:
-    query = urllib.parse.urlencode({"image": image, "output": "image"})
+def _form(fields: dict[str, bytes], files: dict[str, Path]) -> tuple[bytes, dict]:
+    """A multipart/form-data body (fields, and files under their names) and its header."""
+    parts = [(f'name="{name}"', value) for name, value in fields.items()]
+    parts += [(f'name="{name}"; filename="{path.name}"', path.read_bytes()) for name, path in files.items()]
+    body = b"".join(
+        b"--" + BOUNDARY + b"\r\nContent-Disposition: form-data; " + d.encode() + b"\r\n\r\n" + v + b"\r\n"
+        for d, v in parts
+    )
+    return body + b"--" + BOUNDARY + b"--\r\n", {"Content-Type": f"multipart/form-data; boundary={BOUNDARY.decode()}"}
+
+
+def _infer(
+    base: str, image: str, params: dict | None = None, model: str = "ptsam", upload: Path | None = None, **args: str
+) -> tuple[int, bytes, dict]:
+    """POST /infer/<model>: (status, body, headers); ``args`` are more query arguments."""
+    query = urllib.parse.urlencode({"image": image, "output": "image", **args})
     body, headers = None, {}
-    if params:  # MONAI Label takes per-request options as a `params` form field holding JSON
-        body = f'--b0\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n--b0--\r\n'
-        body, headers = body.encode(), {"Content-Type": "multipart/form-data; boundary=b0"}
-    status, headers, body = _request(f"{base}/infer/ptsam?{query}", "POST", body, headers)
+    if params or upload:  # MONAI Label takes per-request options as a `params` form field holding JSON
+        body, headers = _form({"params": json.dumps(params or {}).encode()}, {"file": upload} if upload else {})
+    status, headers, body = _request(f"{base}/infer/{model}?{query}", "POST", body, headers)
     return status, body, headers
 
 
@@ -159,8 +183,38 @@ def _train(base: str, log: Path, max_epochs: int = 1) -> None:
     assert state.get("status") == "DONE", (state, _text(log)[-3000:])
 
 
-def test_info_lists_the_model_and_its_labels(server):
-    base = server[0]
+@pytest.fixture(scope="module")
+def trained(server):
+    """The server once a /train has written model.pt (the first test does it where it runs)."""
+    base, *_, log, _ = server
+    if "ptsam" not in json.loads(_request(f"{base}/info/")[2])["models"]:
+        _train(base, log)
+    return server
+
+
+def test_a_fresh_bundle_is_listed_once_trained(server):
+    """As a new user starts: nothing trained. Inference says so; /info, which 3D Slicer reads,
+    lists the model as soon as the first /train has written model.pt, without a restart."""
+    base, bundle, *_, log, _ = server
+    info = json.loads(_request(f"{base}/info/")[2])
+    assert "ptsam" not in info["models"] and "ptsam" in info["trainers"]
+    status, body, _ = _infer(base, "cells_000")
+    assert status == 409 and "no trained prompts yet" in json.loads(body)["detail"]
+    status, body, _ = _infer(base, "cells_000", model="nosuchmodel")
+    assert (
+        status == 404
+        and json.loads(body)["detail"] == "no model 'nosuchmodel'; the models here: none until 'ptsam' is trained"
+    )
+
+    _train(base, log)
+    assert (bundle / "models" / "model.pt").is_file()
+    info = json.loads(_request(f"{base}/info/")[2])  # asked before any /infer
+    assert info["models"]["ptsam"]["type"] == "segmentation"
+    assert _infer(base, "cells_000")[0] == 200
+
+
+def test_info_lists_the_model_and_its_labels(trained):
+    base = trained[0]
     status, _, body = _request(f"{base}/info/")
     info = json.loads(body)
     model = info["models"]["ptsam"]
@@ -186,10 +240,21 @@ def _local_prediction(generalist: Path, bundle: Path, image: Path, out: Path) ->
     return tifffile.imread(out / f"{image.stem}_seg.tif")
 
 
-def test_infer_train_infer(server, generalist, tmp_path):
-    """What untrained prompts predict depends on the machine's rounding: the server's answers
+def _runs(bundle: Path) -> list:
+    """The bundle's MLflow runs, newest first."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
+    return client.search_runs(
+        [client.get_experiment_by_name("ptsam").experiment_id], order_by=["attributes.start_time DESC"]
+    )
+
+
+def test_infer_train_infer(trained, generalist, tmp_path):
+    """What briefly trained prompts predict depends on the machine's rounding: the server's answers
     are compared with the bundle's own inference of the same model.pt, not with a number."""
-    base, bundle, studies, root, log, _ = server
+    base, bundle, studies, root, log, _ = trained
+    earlier_runs = len(_runs(bundle))
     tiff = tifffile.imread(studies / "cells_000.tif")
     before = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_before.tif"))
     assert before.shape == tiff.shape and set(np.unique(before)) <= {0, 1}
@@ -199,9 +264,10 @@ def test_infer_train_infer(server, generalist, tmp_path):
     assert label.shape == volume.shape  # slice by slice, in the volume's own geometry
     assert np.allclose(label.affine, volume.affine, atol=1e-5)
     assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
-    # A DICOM series folder on the server (what MONAI Label passes on from a DICOMweb store):
-    # a NIfTI label in the series' geometry, read there with pydicom 2.4.
-    series = nib.load(_infer_file(base, str(root / "dicom" / "ct_000"), tmp_path, ".nii.gz"))
+    # A DICOM series by its id, the name of its folder in the studies (MONAI Label hands the app
+    # the folder, as from a DICOMweb store): a NIfTI label in the series' geometry.
+    assert "ct_000_dicom" in json.loads(_request(f"{base}/datastore/?output=all")[2])["objects"]
+    series = nib.load(_infer_file(base, "ct_000_dicom", tmp_path, ".nii.gz"))
     assert series.shape == volume.shape and np.allclose(series.affine, volume.affine, atol=1e-4)
 
     model = bundle / "models" / "model.pt"
@@ -227,11 +293,8 @@ def test_infer_train_infer(server, generalist, tmp_path):
     assert np.array_equal(again, after)  # options last one request
 
     # The run is in the bundle's MLflow store, with MONAI Label's datalist (3 train, 1 validation).
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    runs = _runs(bundle)
+    assert len(runs) == earlier_runs + 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["epochs"] == str(TRAINED_EPOCHS) and "val_mean_dice" in runs[0].data.metrics
     assert runs[0].data.params["n_training_images"] == "3"
 
@@ -241,24 +304,25 @@ def test_infer_train_infer(server, generalist, tmp_path):
     recipe = {**read_recipe(model), "a_min": -100.0}
     state[RECIPE_KEY] = encode_json(recipe)
     torch.save(state, model)
-    trained = _sha(model)
+    trained_sha = _sha(model)
     _train(base, log)
-    assert _sha(model) != trained and "resumed from" not in _text(log)
-    runs = client.search_runs(
-        [client.get_experiment_by_name("ptsam").experiment_id], order_by=["attributes.start_time DESC"]
-    )
-    assert len(runs) == 2 and runs[0].data.params["a_min"] == "-100.0"
+    assert _sha(model) != trained_sha and "resumed from" not in _text(log)
+    runs = _runs(bundle)
+    assert len(runs) == earlier_runs + 2 and runs[0].data.params["a_min"] == "-100.0"
     assert read_recipe(model)["a_min"] == -100.0
 
 
-def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path):
-    base, _, studies, root, _, _ = server
+def test_bad_input_gets_a_message_and_the_server_keeps_serving(trained):
+    base = trained[0]
     status, body, _ = _infer(base, "no_such_image")
-    assert status == 404 and "no image 'no_such_image' in the datastore" in json.loads(body)["detail"]
+    assert status == 404 and json.loads(body)["detail"] == NOT_SERVED.format("no_such_image")
 
-    status, body, _ = _infer(base, str(root / "notes.txt"))  # a path on the server
+    status, body, _ = _infer(base, "cells_000", model="nosuchmodel")
+    assert status == 404 and json.loads(body)["detail"] == "no model 'nosuchmodel'; the models here: ptsam"
+
+    status, body, _ = _infer(base, "notes")  # listed by the datastore, no image format
     detail = json.loads(body)["detail"]
-    assert status == 415 and "notes.txt: not a supported image file" in detail
+    assert status == 415 and "notes.xml: not a supported image file" in detail
 
     status, body, _ = _infer(base, "broken")  # listed by the datastore, unreadable
     detail = json.loads(body)["detail"]
@@ -272,31 +336,88 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, tmp_path)
     assert _infer(base, "cells_001")[0] == 200
 
 
+def test_only_the_datastore_is_served(trained, tmp_path):
+    """An image is a datastore id, or what the server was sent; any other name or path gets one
+    answer, whether or not a file is there (MONAI Label would read any image file on the machine)."""
+    base, _, studies, root, _, _ = trained
+    outside = root / "outside.tif"
+    status, _, body = _request(f"{base}/session/", "PUT", *_form({}, {"files": outside}))
+    assert status == 200, body
+    session = json.loads(body)["session_id"]
+
+    names = [str(outside), "/etc/shadow", "/nonexistent/x.png", str(root / "notes.txt"), str(studies / "cells_000.tif")]
+    names += ["labels/final/cells_000", "../studies/cells_000", ".."]
+    for image in names:  # asked for, or put in the request by its params, even with a real session's name
+        for query, params in (
+            (image, None),
+            ("cells_000", {"image": image}),
+            ("cells_000", {"image": image, "session": {"name": session}}),
+        ):
+            status, body, _ = _infer(base, query, params)
+            assert (status, json.loads(body)) == (404, {"detail": NOT_SERVED.format(image)}), (query, params)
+
+    status, body, _ = _infer(base, "cells_000", {"model_filename": "/etc/shadow"})  # MONAI Label would load it
+    assert (status, json.loads(body)) == (
+        404,
+        {"detail": "no model file '/etc/shadow'; the model files here: model.pt"},
+    )
+
+    # What the server was sent is served: an upload with the request, or a session's image.
+    tiff = tifffile.imread(outside)
+    for name, (status, body, _) in (
+        ("upload", _infer(base, "", upload=outside)),
+        ("session", _infer(base, "", session_id=session)),
+    ):
+        assert status == 200, body[-2000:]
+        (tmp_path / f"{name}.tif").write_bytes(body)
+        assert tifffile.imread(tmp_path / f"{name}.tif").shape == tiff.shape
+
+
+def _cors(base: str, origin: str, method: str = "GET", path: str = "/info/", request_method: str = "") -> tuple:
+    """(status, lower-cased headers) of a request from a web page at ``origin`` (a preflight where
+    ``request_method`` is given)."""
+    headers = {"Origin": origin}
+    if request_method:
+        headers.update(
+            {"Access-Control-Request-Method": request_method, "Access-Control-Request-Headers": "content-type"}
+        )
+    status, answer, _ = _request(f"{base}{path}", method, headers=headers)
+    return status, {key.lower(): value for key, value in answer.items()}
+
+
+def test_cors_is_for_local_viewers(server):
+    """Web pages from other origins get no CORS grant (3D Slicer is no browser and needs none);
+    the server's own origin, OHIF's development server and CORS_ORIGINS' do, without credentials."""
+    base = server[0]
+    port = urlsplit(base).port
+    for origin in ("http://evil.example", f"http://localhost:{port}.evil.example", "null", "http://localhost:3001"):
+        status, headers = _cors(base, origin, "OPTIONS", "/infer/ptsam", "POST")
+        assert status == 400 and "access-control-allow-origin" not in headers, origin
+        status, headers = _cors(base, origin)
+        assert status == 200 and "access-control-allow-origin" not in headers, origin
+        assert "access-control-allow-credentials" not in headers
+
+    local = [f"http://localhost:{port}", f"http://127.0.0.1:{port}", "http://localhost:3000", "http://127.0.0.1:3000"]
+    for origin in [*local, VIEWER]:
+        status, headers = _cors(base, origin, "OPTIONS", "/infer/ptsam", "POST")
+        assert status == 200 and headers["access-control-allow-origin"] == origin, (origin, headers)
+        assert set(headers["access-control-allow-methods"].split(", ")) == {"GET", "HEAD", "POST", "PUT", "DELETE"}
+        assert "access-control-allow-credentials" not in headers
+        status, headers = _cors(base, origin)
+        assert status == 200 and headers["access-control-allow-origin"] == origin
+        assert "access-control-allow-credentials" not in headers
+    assert _cors(base, VIEWER, "OPTIONS", "/datastore/image", "PATCH")[0] == 400  # no endpoint takes it
+
+
+def test_start_refuses_a_bad_cors_origin(label_env, tmp_path):
+    command = [str(label_env), str(REPO / "label" / "start.py"), "--studies", str(tmp_path)]
+    done = subprocess.run([*command, "--cors-origins", "viewer.example"], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--cors-origins: 'viewer.example': not an origin" in done.stderr
+
+
 def test_server_stops_cleanly(server):
     base, *_, log, proc = server
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, _text(log)[-2000:]
     with pytest.raises(OSError):
         _request(f"{base}/info/")
-
-
-def test_a_bundle_without_model_pt_serves_once_trained(label_env, generalist, tmp_path):
-    """As a new user starts: nothing trained yet. Inference says so; after /train it works."""
-    from scripts.demo.synthetic import generate
-
-    bundle = _bundle_copy(tmp_path / "ptsam")
-    generate(str(tmp_path / "synthetic"), seed=2, n_train=3, n_val=0, n_test=0, modalities="microscopy")
-    studies = tmp_path / "studies"
-    shutil.copytree(tmp_path / "synthetic" / "microscopy" / "imagesTr", studies)
-    shutil.copytree(tmp_path / "synthetic" / "microscopy" / "labelsTr", studies / "labels" / "final")
-    base, log, proc = _start_server(label_env, generalist, bundle, studies, tmp_path / "server.log")
-    try:
-        info = json.loads(_request(f"{base}/info/")[2])
-        assert "ptsam" not in info["models"] and "ptsam" in info["trainers"]
-        status, body, _ = _infer(base, "cells_000")
-        assert status == 409 and "no trained prompts yet" in json.loads(body)["detail"]
-        _train(base, log)
-        assert (bundle / "models" / "model.pt").is_file()
-        assert _infer(base, "cells_000")[0] == 200
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
