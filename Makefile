@@ -10,11 +10,19 @@ PORT ?= 8000
 # so that pip never pulls a multi-GB CUDA build onto a CPU machine.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.8' || echo 'torch==2.13.0')
 
+# A stamp per torch spec: `make setup TORCH_SPEC=...` with another spec reinstalls torch.
+TORCH_STAMP = .torch-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
+
 .PHONY: setup test test-fast lint demo bench bench-gpu label label-setup clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/$(TORCH_STAMP):
+	mkdir -p $(VENV)
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/$(TORCH_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
@@ -45,7 +53,12 @@ bench-gpu: setup
 
 label-setup: $(LABEL_VENV)/.installed
 
-$(LABEL_VENV)/.installed: label/setup_env.sh pyproject.toml
+$(LABEL_VENV)/$(TORCH_STAMP):
+	mkdir -p $(LABEL_VENV)
+	rm -f $(LABEL_VENV)/.torch-*
+	touch $@
+
+$(LABEL_VENV)/.installed: label/setup_env.sh pyproject.toml $(LABEL_VENV)/$(TORCH_STAMP)
 	bash label/setup_env.sh $(LABEL_VENV) "$(TORCH_SPEC)"
 	touch $@
 
