@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -46,11 +48,19 @@ def test_keys_change_with_the_backbone():
     assert a != b and a == EncodeImaged(quiet(PTSAM, "tiny", backbone_seed=0)).key_of(image.clone())
 
 
-def test_when_the_cache_is_used():
-    assert use_cache(None, 0) is True and use_cache(None, 8) is False
-    assert use_cache("true", 8) is False  # image-encoder prompts change the encoder's output
+def test_when_the_cache_is_used(caplog):
+    caplog.set_level(logging.INFO, logger="scripts.engine.cache")
+    assert use_cache(None, 0) is True and not caplog.records
+    assert use_cache(None, 8) is False  # off by default with image-encoder prompts, with a note
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "embedding cache off: image-encoder prompts change the encoder's output as they learn")
+    ]
+    caplog.clear()
+    assert use_cache("true", 8) is False and caplog.records[-1].levelname == "WARNING"  # asked for: a warning
     assert use_cache(True, 0, augment="true") is False and use_cache(True, 0, scale="native") is False
-    assert use_cache("false", 0) is False
+    assert use_cache(None, 0, augment=True) is False and "augmentation" in caplog.records[-1].getMessage()
+    caplog.clear()
+    assert use_cache("false", 0) is False and not caplog.records
 
 
 def test_memory_is_bounded_least_recently_used_first(tmp_path):

@@ -36,19 +36,21 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16}  # float16: half 
 
 
 def use_cache(cache_embeddings: bool | None, n_ie_prompts: int, augment: bool = False, scale: str = "resize") -> bool:
-    """Whether to cache: on by default without image-encoder prompts; never with them, nor with
-    augmentation or random native-scale crops that change the image every epoch (a note says why)."""
-    cache_embeddings, augment = optional_flag(cache_embeddings), flag(augment)
-    if cache_embeddings is None:
-        cache_embeddings = n_ie_prompts == 0
-    if cache_embeddings and n_ie_prompts > 0:
-        logger.warning("embedding cache off: image-encoder prompts change the encoder's output as they learn")
+    """Whether to cache: on by default (null), but never with image-encoder prompts, augmentation
+    or random native-scale crops, which change the encoder's output every epoch; a note says why
+    (a warning where the cache was asked for explicitly)."""
+    asked, augment = optional_flag(cache_embeddings), flag(augment)
+    if asked is False:
         return False
-    if cache_embeddings and (augment or scale == "native"):
-        why = "augmentation changes" if augment else "native-scale training takes random crops of"
-        logger.warning("embedding cache off: %s the image every epoch", why)
-        return False
-    return bool(cache_embeddings)
+    if n_ie_prompts > 0:
+        why = "image-encoder prompts change the encoder's output as they learn"
+    elif augment or scale == "native":
+        change = "augmentation changes" if augment else "native-scale training takes random crops of"
+        why = f"{change} the image every epoch"
+    else:
+        return True
+    logger.log(logging.WARNING if asked else logging.INFO, "embedding cache off: %s", why)
+    return False
 
 
 class EncodeImaged(MapTransform):
