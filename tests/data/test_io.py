@@ -332,8 +332,11 @@ def test_unsupported_and_missing(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UnsupportedFileError, match="notes.txt: not a supported image file"):
         read_image(tmp_path / "notes.txt")
-    with pytest.raises(ImageReadError, match="gone.png: no such file"):
-        read_image(tmp_path / "gone.png")
+    for gone in ("gone.png", "gone", "gone.txt"):  # a missing file is missing, whatever its name
+        with pytest.raises(ImageReadError, match=f"{gone}: no such file"):
+            read_image(tmp_path / gone)
+        with pytest.raises(ImageReadError, match=f"{gone}: no such file"):
+            probe_image(tmp_path / gone)
     with pytest.raises(UnsupportedFileError, match="no image path given"):
         probe_image("")  # not the working directory read as a DICOM folder
 

@@ -57,11 +57,15 @@ def _resolve(root: Path, entry: Any) -> Any:
     return f"{path}{SERIES_SEP}{uid}" if uid else str(path)
 
 
+def _note_ignored(ignored: Sequence[str]) -> None:
+    for entry in ignored:  # a path, or a path with the reason it was left out (no such path)
+        logger.info("ignored %s", entry if not Path(entry).exists() else f"{entry}: not an image file")
+
+
 def _pairs(images_dir: Path, labels_dir: Path) -> list[dict]:
     images, ignored = list_images(images_dir)
     labels = {stem_of(p): p for p in list_images(labels_dir)[0]} if labels_dir.is_dir() else {}
-    for path in ignored:
-        logger.info("ignored %s: not an image file", path)
+    _note_ignored(ignored)
     return [{"image": p, "label": labels.get(stem_of(p), str(labels_dir / Path(p).name))} for p in images]
 
 
@@ -91,8 +95,7 @@ def _inference_items(root: Path, content: dict | None) -> list[dict]:
         return [e if isinstance(e, dict) else {"image": e} for e in (_resolve(root, t) for t in content["test"])]
     folder = root / "imagesTs" if (root / "imagesTs").is_dir() else root
     images, ignored = list_images(folder)
-    for path in ignored:
-        logger.info("ignored %s: not an image file", path)
+    _note_ignored(ignored)
     return [{"image": p} for p in images]
 
 

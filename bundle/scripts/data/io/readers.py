@@ -497,10 +497,12 @@ def _probe_pil(path: Path, fmt: str) -> tuple[tuple[int, ...], int]:
 
 def _locate(path: str | Path) -> tuple[str, Any]:
     """(format, what its reader takes): the file, or for DICOM the path as given."""
+    file, uid = split_series(path)
+    if uid is None and str(path).strip() and not file.exists():  # before its name is judged
+        raise _fail(path, "no such file")
     fmt = detect_format(path)
     if fmt == "dicom":
         return fmt, path
-    file = split_series(path)[0]
     if not file.is_file():
         raise _fail(path, "no such file")
     if file.stat().st_size == 0:
