@@ -32,11 +32,11 @@ def stock_sam(variant: str = "tiny", seed: int = 0) -> torch.nn.Module:
     return sam
 
 
-def monai_bundle(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle ...`` from the bundle folder, as a user runs it."""
+def monai_bundle(*args: str, timeout: int = 600, cwd: Path = BUNDLE) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ...`` from the bundle folder (or ``cwd``), as a user runs it."""
     return subprocess.run(
         [sys.executable, "-W", "ignore", "-m", "monai.bundle", *args],
-        cwd=BUNDLE,
+        cwd=cwd,
         capture_output=True,
         text=True,
         encoding="utf-8",

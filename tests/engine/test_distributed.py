@@ -27,7 +27,7 @@ def test_two_processes_keep_identical_prompts_and_write_one_model(synthetic, tmp
     assert torch.equal(zero, one)
     initial = torch.load(tmp_path / "models" / "training_state.ckpt", weights_only=True)
     assert initial["epoch"] == 3
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "training_state.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".lock", "model.pt", "training_state.ckpt"]
     assert done.stderr.count("scripts.engine.handlers epoch 3/3") == 1  # the summary comes from rank 0 only
     assert done.stderr.count("prompts saved to") >= 1
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -110,22 +109,14 @@ def test_monai_verify_metadata_offline():
     assert "metadata is verified with no error" in done.stdout + done.stderr
 
 
-def test_monai_verify_net_in_out(tmp_path: Path):
-    meta = _metadata()  # the same metadata at the tiny variant's input size
-    for io in (meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]):
-        io["spatial_shape"] = [256, 256]
-    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+def test_monai_verify_net_in_out():
+    """The README's command for the tiny variant: its input size given over the metadata's."""
+    shape = ["[256,256]"]
     done = _monai_bundle(
-        "verify_net_in_out",
-        "network_def",
-        "--meta_file",
-        str(tmp_path / "metadata.json"),
-        "--config_file",
-        str(INFERENCE),
-        "--sam_variant",
-        "tiny",
-        "--device",
-        "cpu",
-    )
+        "verify_net_in_out", "network_def", "--meta_file", str(METADATA), "--config_file", str(INFERENCE),
+        "--sam_variant", "tiny", "--device", "cpu",
+        "--_meta_#network_data_format#inputs#image#spatial_shape", *shape,
+        "--_meta_#network_data_format#outputs#pred#spatial_shape", *shape,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "data shape of network is verified with no error" in done.stdout + done.stderr

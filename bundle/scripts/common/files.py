@@ -1,13 +1,30 @@
-"""Atomic writes: a file is written beside its target under a temporary name, then renamed, so
-an interrupted run never leaves a half-written file (model.pt, resume state, labels, reports)."""
+"""Files a run writes: atomic writes (a file is written beside its target under a temporary name,
+then renamed, so an interrupted run never leaves a half-written model.pt, resume state, label or
+report), with the mode the user's umask gives; output folders checked before any work; one
+training at a time per checkpoint folder."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; see lock_folder
+    fcntl = None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's files are 0600
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -20,6 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _FILE_MODE)  # colleagues sharing the folder read results as with any file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -32,3 +50,50 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def check_writable(**folders: str | Path) -> None:
+    """Before any data is read, that each folder (named by its knob) can be written, or created
+    where it does not exist yet; nothing is created here (a run refused later leaves no trace).
+    An unwritable folder would otherwise fail only when the first result is saved."""
+    for knob, folder in folders.items():
+        folder = Path(folder).absolute()
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+            if existing == folder:
+                tempfile.TemporaryFile(dir=folder).close()  # also catches read-only file systems
+            elif not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, f"no permission to create folders in {existing}")
+        except OSError as err:
+            raise PermissionError(f"{knob}={folder}: cannot write there ({err.strerror or err})") from err
+
+
+_LOCKS: dict[Path, int] = {}  # folder -> open lock file, held until the process ends
+
+
+def lock_folder(folder: str | Path, what: str = "a training") -> Path:
+    """Hold ``<folder>/.lock`` for the rest of this process, or refuse if another process holds it.
+    The lock is the kernel's (``flock``): a crashed or killed run leaves nothing stuck. Taking it
+    again in the same process (federated rounds) is allowed. Without ``fcntl`` (Windows) a no-op."""
+    folder = Path(folder).resolve()
+    if fcntl is None or folder in _LOCKS:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        holder = Path(folder / ".lock").read_text().strip() or "another process"
+        raise RuntimeError(
+            f"{folder} is in use by {what} still running ({holder}): its model.pt and resume state would be "
+            "overwritten. Wait for it, or give this run another ckpt_dir."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()}".encode())
+    _LOCKS[folder] = fd
+    return folder

@@ -4,23 +4,54 @@
 handlers keep in it: the best score so far, early stopping's count) atomically after every
 epoch; when the same command runs again after an interruption, even a SIGKILL mid-epoch, it
 loads that file at start and training continues from the last saved epoch. A training that
-stopped early stays stopped.
+stopped early stays stopped. Before any work, ``claim`` takes the checkpoint folder for this
+training (a second one started into it refuses) and ``check_state`` proves the file to resume
+from can be read.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
-from ..common.files import atomic_torch_save
+from ..common.files import atomic_torch_save, lock_folder
 from ..common.flags import flag
 from .distributed import rank, unwrap
 
 logger = logging.getLogger(__name__)
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The saved state, weights only; an unreadable file is named with what to do (never torch's
+    advice to load it with ``weights_only=False``, which would run whatever code it holds)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, AttributeError) as err:
+        unsafe = isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err)
+        reason = "it holds Python objects, not only tensors" if unsafe else "truncated or not a PyTorch file"
+        raise ValueError(
+            f"{path}: cannot resume from this training state ({reason}). Start over with `--resume false` "
+            "(the file is then replaced), or move it away to keep it."
+        ) from None
+
+
+def check_state(path: str | Path, resume: Any = True) -> None:
+    """Before any work: the state a training would resume from can be read (see ``read_state``)."""
+    if flag(resume) and Path(path).is_file():
+        read_state(path)
+
+
+def claim(ckpt_dir: str | Path) -> None:
+    """Take ``ckpt_dir`` for this training until it ends (rank 0 of a distributed one): a second
+    training started into it would overwrite its model.pt and resume state, so it refuses."""
+    if rank() == 0:
+        lock_folder(ckpt_dir, "a training")
 
 
 class TrainingState:
@@ -52,7 +83,7 @@ class TrainingState:
         # rounds) goes on from what it holds, the global weights just copied in.
         if not self.resume or not self.path.is_file() or trainer.state.iteration > 0:
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = read_state(self.path)
         for name, obj in self.objects.items():
             unwrap(obj).load_state_dict(state[name])
         max_epochs = trainer.state.max_epochs

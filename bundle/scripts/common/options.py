@@ -1,0 +1,123 @@
+"""The workflows' knobs checked before any work: each wrong value named with what is allowed.
+
+A value MONAI's command line passes through unchanged (``--epochs abc`` is the string 'abc')
+would otherwise fail far from its cause ("'<' not supported between 'str' and 'int'", "optimizer
+got an empty parameter list"). The configs list their knobs in an ``options`` section and the
+``initialize`` step calls ``check`` on it first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class OptionError(ValueError):
+    """Knobs whose values cannot work; the message names each with what is allowed."""
+
+
+def _integer(low: int | None = None) -> Callable[[Any], str | None]:
+    allowed = "an integer" + (f" >= {low}" if low is not None else "")
+
+    def rule(value: Any) -> str | None:
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or (low is not None and value < low):
+            return allowed
+        return None
+
+    return rule
+
+
+def _number(low: float | None = None, high: float | None = None, *, open_low: bool = False, open_high: bool = False):
+    if high is not None:
+        allowed = f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    elif low is not None:
+        allowed = f"a number {'>' if open_low else '>='} {low:g}"
+    else:
+        allowed = "a number"
+
+    def rule(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return allowed
+        below = low is not None and (value < low or (open_low and value == low))
+        above = high is not None and (value > high or (open_high and value == high))
+        return allowed if below or above else None
+
+    return rule
+
+
+def _choice(*names: str) -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        return None if value in names else "one of " + ", ".join(names)
+
+    return rule
+
+
+def _names() -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        ok = isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value)
+        return None if ok else "a list of non-empty names"
+
+    return rule
+
+
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "epochs": _integer(1),
+    "batch_size": _integer(1),
+    "learning_rate": _number(0, open_low=True),
+    "weight_decay": _number(0),
+    "warmup_epochs": _integer(0),
+    "val_interval": _integer(1),
+    "early_stop_patience": _integer(0),
+    "n_md_prompts": _integer(0),
+    "n_ie_prompts": _integer(0),
+    "num_classes": _integer(1),
+    "class_names": _names(),
+    "slices_per_volume": _integer(1),
+    "fg_fraction": _number(0, 1),
+    "test_fraction": _number(0, 1, open_high=True),
+    "val_fraction": _number(0, 1, open_high=True),
+    "max_voxels": _integer(1),
+    "sw_overlap": _number(0, 1, open_high=True),
+    "cache_ram_mb": _number(0),
+    "seed": _integer(),
+    "system_metrics_interval": _number(0),
+    "a_min": _number(),
+    "a_max": _number(),
+    "intensity": _choice("auto", "window", "percentile", "none"),
+    "scale": _choice("resize", "native"),
+    "sw_blend": _choice("gaussian", "constant"),
+    "cache_dtype": _choice("float32", "float16"),
+    "n_overlays": _integer(0),
+}
+
+
+def problems(options: Mapping[str, Any]) -> list[str]:
+    """Every knob of ``options`` that breaks its rule, as '--knob value: allowed'. A null value is
+    left to its workflow (null means "as trained" or "automatic" where a config allows it)."""
+    found = []
+    for knob, value in options.items():
+        allowed = None if value is None else RULES[knob](value)
+        if allowed:
+            found.append(f"--{knob} {value!r}: expected {allowed}")
+    md, ie = options.get("n_md_prompts"), options.get("n_ie_prompts")
+    if md == 0 and ie == 0:
+        found.append("--n_md_prompts 0 with --n_ie_prompts 0: no prompt tokens, nothing to learn or apply")
+    lo, hi = options.get("a_min"), options.get("a_max")
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and not found and lo >= hi:
+        found.append(f"--a_min {lo!r} with --a_max {hi!r}: the CT window needs a_min < a_max")
+    names, count = options.get("class_names"), options.get("num_classes")
+    if isinstance(names, (list, tuple)) and isinstance(count, int) and not found and len(names) != count:
+        found.append(f"--class_names {list(names)!r}: {len(names)} name(s) for --num_classes {count}")
+    return found
+
+
+def check(options: Mapping[str, Any]) -> None:
+    """Raise ``OptionError`` naming every wrong knob, before any work."""
+    unknown = sorted(set(options) - set(RULES))
+    if unknown:
+        raise TypeError(f"no rule for the knobs {unknown} (scripts.common.options.RULES)")
+    found = problems(options)
+    if found:
+        raise OptionError("invalid option(s):\n  " + "\n  ".join(found))
