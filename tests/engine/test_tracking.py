@@ -19,6 +19,7 @@ from monai.bundle import ConfigParser
 
 from helpers import BUNDLE, REPO, monai_bundle, quiet, training_until_first_epoch
 from scripts.data.io import read_image
+from scripts.engine.tracking import REGISTRY_FINGERPRINT_TAG, TrackingError, TrackingRun
 from scripts.model.prompt_file import IncompatibleCheckpointError
 
 TRAIN = "configs/train.yaml"
@@ -235,6 +236,8 @@ def test_the_trained_prompts_are_a_registered_mlflow_model_that_segments(synthet
     client, runs = _runs(_store(tmp_path))
     version = client.get_model_version("ptsam", "1")
     assert version.run_id == runs[0].info.run_id
+    fingerprint = client.get_registered_model("ptsam").tags[REGISTRY_FINGERPRINT_TAG]
+    assert fingerprint == runs[0].data.params["backbone_fingerprint"]
     image = str(synthetic / "microscopy" / "imagesTr" / "cells_000.tif")
     inferred = monai_bundle(
         "run", "inference", "--config_file", "configs/inference.yaml", "--sam_variant", "tiny",
@@ -254,3 +257,21 @@ def test_the_trained_prompts_are_a_registered_mlflow_model_that_segments(synthet
             quiet(other.predict, [image])
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_registered_name_of_another_model_is_refused_before_any_work(tmp_path):
+    (tmp_path / "eval").mkdir()
+    uri = _store(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    client.create_registered_model("theirs")  # another team's model
+    client.create_registered_model("ptsam_b")
+    client.set_registered_model_tag("ptsam_b", REGISTRY_FINGERPRINT_TAG, "backbone-b")
+    run = TrackingRun(tracking_uri=uri, output_dir=tmp_path, params={"backbone_fingerprint": "backbone-a"})
+    run.check_registered_name("new_name")  # free
+    run.check_registered_name(None)
+    with pytest.raises(TrackingError, match="registered_model_name=theirs: .* is not a PTSAM model"):
+        run.check_registered_name("theirs")
+    with pytest.raises(TrackingError, match="another SAM backbone \\(fingerprint backbone-b, this run backbone-a\\)"):
+        run.check_registered_name("ptsam_b")
+    client.set_registered_model_tag("ptsam_b", REGISTRY_FINGERPRINT_TAG, "backbone-a")
+    run.check_registered_name("ptsam_b")  # the same backbone: a new version is fine

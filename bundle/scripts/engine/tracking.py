@@ -44,7 +44,7 @@ BUNDLE = Path(__file__).resolve().parents[2]
 
 
 class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or written."""
+    """The tracking store cannot be reached or written, or holds what this run must not add to."""
 
 
 def bundle_version() -> str:
@@ -79,6 +79,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from err
     if response.status_code >= 400:
         raise TrackingError(f"MLflow tracking server {uri} answered {response.status_code} to /health")
+
+
+REGISTRY_FINGERPRINT_TAG = "ptsam.backbone_fingerprint"  # on a registered model: its versions' SAM backbone
 
 
 class TrackingRun:
@@ -201,9 +204,38 @@ class TrackingRun:
         if self.run_id:
             self.client.log_text(self.run_id, text, name)
 
+    def check_registered_name(self, name: str | None) -> None:
+        """Before any work: ``name`` in the store's model registry is new, or holds PTSAM prompts
+        for this run's SAM backbone. Versions of one registered model must all load with the same
+        SAM checkpoint; another team's model of that name is not ours to add versions to."""
+        if not (self.enabled and name):
+            return
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            tags = MlflowClient(tracking_uri=self.uri).get_registered_model(name).tags
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return
+            raise
+        mine = str(self.params.get("backbone_fingerprint", ""))
+        theirs = tags.get(REGISTRY_FINGERPRINT_TAG)
+        if theirs is None:
+            raise TrackingError(
+                f"registered_model_name={name}: a registered model of that name in {self.uri} is not a PTSAM "
+                "model; choose another name"
+            )
+        if theirs != mine:
+            raise TrackingError(
+                f"registered_model_name={name}: its versions hold prompts for another SAM backbone (fingerprint "
+                f"{theirs}, this run {mine}), which load with another checkpoint; choose another name"
+            )
+
     def log_model(self, model_path: str | Path, registered_model_name: str | None = None) -> None:
         """The prompts as an MLflow pyfunc model in this run (``scripts.mlflow_model``), registered
-        in the same store's model registry as ``registered_model_name`` when given."""
+        in the same store's model registry as ``registered_model_name`` when given (tagged with
+        the backbone's fingerprint, which ``check_registered_name`` compares)."""
         if not self.run_id:
             return
         import mlflow
@@ -217,6 +249,9 @@ class TrackingRun:
                 info = log_model(model_path, registered_model_name)
         finally:
             mlflow.set_tracking_uri(previous)
+        if registered_model_name:
+            fingerprint = str(self.params.get("backbone_fingerprint", ""))
+            self.client.set_registered_model_tag(registered_model_name, REGISTRY_FINGERPRINT_TAG, fingerprint)
         registered = f", registered as {registered_model_name}" if registered_model_name else ""
         logger.info("MLflow model %s%s", info.model_uri, registered)
 
