@@ -1,0 +1,141 @@
+"""What a PTSAM site needs besides NVIDIA FLARE: its own configuration, MONAI FL's client on the
+bundle, and the check that a global model fits this site's network before a round trains on it.
+
+Each site says where its copy of the bundle, its SAM weights and its data are in a JSON (or YAML)
+file named by ``PTSAM_FL_SITE_CONFIG``; ``{site}`` in that path is replaced by the FLARE site name,
+so one value serves every site the simulator runs on one machine:
+
+    {"bundle_root": "/opt/ptsam/bundle",
+     "overrides": {"dataset_dir": "/data/ptsam", "sam_variant": "vit_b",
+                   "sam_checkpoint": "/models/sam_vit_b_01ec64.pth"}}
+
+``overrides`` are values of train.yaml + fl_train.yaml (dataset_dir, output_dir, ckpt_dir, device, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+SITE_CONFIG_ENV = "PTSAM_FL_SITE_CONFIG"
+CONFIGS = ["configs/train.yaml", "configs/fl_train.yaml"]
+
+
+class SiteConfigError(ValueError):
+    """This site's configuration is missing or wrong."""
+
+
+def site_config(site: str, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The configuration of ``site``, read from the file ``PTSAM_FL_SITE_CONFIG`` names."""
+    template = environ.get(SITE_CONFIG_ENV)
+    if not template:
+        raise SiteConfigError(
+            f"site {site}: set {SITE_CONFIG_ENV} to this site's configuration file "
+            f"(JSON or YAML with bundle_root and overrides; '{{site}}' in the path becomes the site name)"
+        )
+    path = Path(template.replace("{site}", site))
+    if not path.is_file():
+        raise SiteConfigError(f"site {site}: no configuration file {path} ({SITE_CONFIG_ENV}={template})")
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict):
+        raise SiteConfigError(f"site {site}: {path} holds no mapping")
+    unknown = set(config) - {"bundle_root", "overrides"}
+    if unknown:
+        raise SiteConfigError(f"site {site}: {path} has unknown keys {sorted(unknown)} (known: bundle_root, overrides)")
+    bundle = Path(str(config.get("bundle_root", "")))
+    if not (bundle / CONFIGS[1]).is_file():
+        raise SiteConfigError(f"site {site}: bundle_root {str(bundle)!r} in {path} has no {CONFIGS[1]}")
+    overrides = config.get("overrides") or {}
+    if not isinstance(overrides, dict) or "dataset_dir" not in overrides:
+        raise SiteConfigError(f"site {site}: {path} needs overrides.dataset_dir, the folder of this site's data")
+    return {"bundle_root": str(bundle.resolve()), "overrides": overrides, "path": str(path)}
+
+
+def import_bundle(bundle_root: str) -> None:
+    """Make the bundle's code importable as ``scripts.*``, as MONAI does for a bundle."""
+    if bundle_root not in sys.path:
+        sys.path.insert(0, bundle_root)
+
+
+def make_algo(site: str, config: Mapping[str, Any], local_epochs: int):
+    """MONAI FL's client on train.yaml + fl_train.yaml with this site's overrides, initialised.
+
+    Training only: FedAvg sends no validation task, and an evaluator would build a second SAM."""
+    from monai.fl.client import MonaiAlgo
+    from monai.fl.utils.constants import ExtraItems
+
+    import_bundle(config["bundle_root"])
+    overrides = dict(config["overrides"])
+    algo = MonaiAlgo(
+        bundle_root=config["bundle_root"],
+        local_epochs=local_epochs,
+        config_train_filename=CONFIGS,
+        train_kwargs=overrides,
+        config_evaluate_filename=None,
+    )
+    algo.initialize(extra={ExtraItems.CLIENT_NAME: site})
+    return algo
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(getattr(value, "shape", ()))
+
+
+def fit_global(params: Mapping[str, Any], network: torch.nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """The global model ``params`` as tensors for ``network``, or ``IncompatibleCheckpointError``.
+
+    Refused, naming what differs: a model of another network (its ``ptsam_meta`` names the
+    variant, prompt counts, classes and SAM weights it was made for), missing or extra entries,
+    another shape (MONAI FL would reshape a tensor of the same size without a word), NaN or inf."""
+    from scripts.model.prompt_file import META_KEY, IncompatibleCheckpointError, check_meta, network_meta
+
+    if not isinstance(params, Mapping) or not params:
+        raise IncompatibleCheckpointError(f"{source} holds no weights")
+    check_meta(params.get(META_KEY), network_meta(network), source=source)
+    local = network.state_dict()
+    missing, extra = sorted(set(local) - set(params)), sorted(set(params) - set(local))
+    if missing or extra:
+        raise IncompatibleCheckpointError(f"{source} does not fit this network: missing {missing}, extra {extra}")
+    shapes = [
+        f"{k}: {_shape(params[k])} from the server, {tuple(v.shape)} here"
+        for k, v in local.items()
+        if _shape(params[k]) != tuple(v.shape)
+    ]
+    if shapes:
+        raise IncompatibleCheckpointError(f"{source} has weights of another shape: " + "; ".join(shapes))
+    fitted = {}
+    for key, mine in local.items():
+        value = torch.as_tensor(params[key]).detach().cpu()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise IncompatibleCheckpointError(f"{source}: {key} holds NaN or inf")
+        # the server's mean of the meta's bytes may come back as floats: the same bytes
+        fitted[key] = value.round().to(mine.dtype) if not mine.is_floating_point() else value.to(mine.dtype)
+    return fitted
+
+
+def tensor_bytes(params: Mapping[str, Any]) -> int:
+    """What ``params`` weigh on the wire, tensors' data only."""
+    return sum(torch.as_tensor(v).numel() * torch.as_tensor(v).element_size() for v in params.values())
+
+
+def digest(params: Mapping[str, Any]) -> str:
+    """A short hash of the prompt tokens: what a site received matched with what the server sent."""
+    h = hashlib.sha256()
+    for key in sorted(params):
+        if key.endswith(".tokens"):
+            h.update(torch.as_tensor(params[key]).detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(dict(record)) + "\n")
