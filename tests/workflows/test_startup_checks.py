@@ -39,7 +39,7 @@ def test_wrong_options_are_named_with_what_is_allowed(synthetic, tmp_path):
     assert _last_lines(done, 4) == [
         "Error: invalid option(s):",
         "  --epochs 'abc': expected an integer >= 1",
-        "  --learning_rate -1: expected a number > 0",
+        "  --learning_rate -1: expected a number >= 0",
         "  --intensity 'ct': expected one of auto, window, percentile, none",
     ]
     assert "Traceback" not in done.stderr and "ConfigExpression" not in done.stderr

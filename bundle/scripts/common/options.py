@@ -65,7 +65,7 @@ def _names() -> Callable[[Any], str | None]:
 RULES: dict[str, Callable[[Any], str | None]] = {
     "epochs": _integer(1),
     "batch_size": _integer(1),
-    "learning_rate": _number(0, open_low=True),
+    "learning_rate": _number(0),  # 0: a frozen baseline run
     "weight_decay": _number(0),
     "warmup_epochs": _integer(0),
     "val_interval": _integer(1),
