@@ -51,16 +51,23 @@ def _median_times(fns: dict[str, callable], repeats: int = REPEATS) -> dict[str,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+SIMD_FLAGS = {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "asimd", "sve"}
+
+
 def machine() -> dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": str(torch.get_num_threads())}
     info["cpu"] = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        cpuinfo = []
+    for line in cpuinfo:
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):  # the vector units torch's CPU kernels pick from
+            flags = set(line.split(":", 1)[1].split())
+            info["cpu_flags"] = " ".join(sorted(flags & SIMD_FLAGS)) or "none of " + " ".join(sorted(SIMD_FLAGS))
+            break
     info["cores"] = str(os.cpu_count())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -223,7 +230,9 @@ def main() -> None:
         "infer_overhead_ratio": "<= 1.1",
         "volume_batch_speedup": "(report)",
     }
-    print(f"\nPTSAM benchmark ({report['mode']}, {VARIANT} at {size} px) on {report['machine']['cpu']}")
+    cpu = report["machine"]
+    print(f"\nPTSAM benchmark ({report['mode']}, {VARIANT} at {size} px) on {cpu['cpu']}, {cpu['cores']} cores")
+    print(f"CPU flags: {cpu.get('cpu_flags', 'unknown')}; torch {cpu['torch']}, {cpu['threads']} threads")
     print(f"{'measure':<34}{'value':>10}  goal")
     for key, value in results.items():
         print(f"{key:<34}{value:>10.4g}  {goals.get(key, '')}")
