@@ -8,7 +8,9 @@ from helpers import REPO
 
 
 def _dry_run(*args: str) -> str:
-    done = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["make", "-n", *args], cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -67,7 +67,15 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def label_env() -> Path:
-    done = subprocess.run(["make", "-s", "label-setup"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        ["make", "-s", "label-setup"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return LABEL_PY
 
@@ -411,7 +419,14 @@ def test_cors_is_for_local_viewers(server):
 
 def test_start_refuses_a_bad_cors_origin(label_env, tmp_path):
     command = [str(label_env), str(REPO / "label" / "start.py"), "--studies", str(tmp_path)]
-    done = subprocess.run([*command, "--cors-origins", "viewer.example"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*command, "--cors-origins", "viewer.example"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=60,
+    )
     assert done.returncode != 0 and "--cors-origins: 'viewer.example': not an origin" in done.stderr
 
 

@@ -11,7 +11,12 @@ def _run(code: str, extra_path: str | None = None) -> str:
     paths = [str(BUNDLE)] + ([extra_path] if extra_path else [])
     prelude = f"import sys; sys.path[:0] = {paths!r}\n"
     done = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout

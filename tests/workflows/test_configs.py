@@ -99,6 +99,8 @@ def _monai_bundle(*args: str) -> subprocess.CompletedProcess:
         cwd=BUNDLE,
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=300,
     )
 

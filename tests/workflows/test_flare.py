@@ -63,6 +63,8 @@ def test_make_fl_runs_three_rounds_of_two_sites_on_the_simulator_and_learns(gene
         cwd=REPO,
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",  # the logs hold UTF-8; the locale may be ASCII
         timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -121,6 +123,8 @@ def test_a_site_set_up_for_another_network_stops_the_federation_saying_why(gener
         env={**os.environ, "PTSAM_FL_SITE_CONFIG": str(work / "sites/{site}/site.json")},
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",  # the logs hold UTF-8; the locale may be ASCII
         timeout=600,
     )
     assert done.returncode != 0

@@ -26,7 +26,15 @@ def _train(synthetic, tmp_path, *extra: str, env: dict | None = None):
     if env is None:
         return monai_bundle(*args)
     command = [sys.executable, "-W", "ignore", "-m", "monai.bundle", *args]
-    return subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, env={**os.environ, **env})
+    return subprocess.run(
+        command,
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env={**os.environ, **env},
+    )
 
 
 def _last_lines(done: subprocess.CompletedProcess, n: int = 1) -> list[str]:
