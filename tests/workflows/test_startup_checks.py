@@ -12,8 +12,13 @@ import subprocess
 import sys
 
 import pytest
+from monai.bundle import ConfigParser
 
 from helpers import BUNDLE, monai_bundle, training_until_first_epoch
+from scripts.common.errors import chain
+from scripts.common.files import check_writable
+from scripts.common.options import OptionError
+from scripts.engine.resume import check_state
 
 TRAIN = "configs/train.yaml"
 INFERENCE = "configs/inference.yaml"
@@ -42,20 +47,18 @@ def _last_lines(done: subprocess.CompletedProcess, n: int = 1) -> list[str]:
 
 
 def test_wrong_options_are_named_with_what_is_allowed(synthetic, tmp_path):
-    done = _train(synthetic, tmp_path, "--epochs", "abc", "--learning_rate", "-1", "--intensity", "ct")
+    extra = ["--epochs", "abc", "--learning_rate", "-1", "--intensity", "ct", "--n_md_prompts", "0"]
+    done = _train(synthetic, tmp_path, *extra)
     assert done.returncode != 0
-    assert _last_lines(done, 4) == [
+    assert _last_lines(done, 5) == [
         "Error: invalid option(s):",
         "  --epochs 'abc': expected an integer >= 1",
         "  --learning_rate -1: expected a number >= 0",
         "  --intensity 'ct': expected one of auto, window, percentile, none",
+        "  --n_md_prompts 0 with --n_ie_prompts 0: no prompt tokens, nothing to learn or apply",
     ]
     assert "Traceback" not in done.stderr and "ConfigExpression" not in done.stderr
     assert not (tmp_path / "eval").exists()  # refused before any folder or data was touched
-
-    done = _train(synthetic, tmp_path, "--n_md_prompts", "0")
-    message = "  --n_md_prompts 0 with --n_ie_prompts 0: no prompt tokens, nothing to learn or apply"
-    assert _last_lines(done) == [message]
 
 
 def test_the_traceback_is_there_with_the_debug_switch(synthetic, tmp_path):
@@ -65,27 +68,29 @@ def test_the_traceback_is_there_with_the_debug_switch(synthetic, tmp_path):
     assert _last_lines(done) == ["  --epochs 0: expected an integer >= 1"]  # still the last line
 
 
-def test_inference_options_too(synthetic, tmp_path):
-    done = monai_bundle(
-        "run", "inference", "--config_file", INFERENCE, "--sam_variant", "tiny", "--batch_size", "2.5",
-        "--dataset_dir", str(synthetic / "microscopy"), "--output_dir", str(tmp_path / "out"),
-    )  # fmt: skip
-    assert _last_lines(done) == ["  --batch_size 2.5: expected an integer >= 1"]
+def test_inference_and_evaluation_check_their_options_first(tmp_path):
+    cases = [
+        (["inference.yaml"], "batch_size", "an integer >= 1"),
+        (["train.yaml", "evaluate.yaml"], "n_overlays", "an integer >= 0"),
+    ]
+    for files, knob, allowed in cases:
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs" / f) for f in files])
+        parser.update({"bundle_root": str(BUNDLE), "output_dir": str(tmp_path / "out"), knob: 2.5})
+        with pytest.raises(RuntimeError) as raised:  # MONAI's "Failed to evaluate", from ours
+            parser.get_parsed_content("initialize")
+        refusal = [e for e in chain(raised.value) if isinstance(e, OptionError)]
+        assert refusal and f"--{knob} 2.5: expected {allowed}" in str(refusal[0])
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("knob", ["ckpt_dir", "output_dir"])
-def test_an_unwritable_folder_is_refused_before_any_data_is_read(synthetic, tmp_path, knob):
+def test_an_unwritable_folder_is_refused_before_any_data_is_read(synthetic, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    done = _train(synthetic, tmp_path, f"--{knob}", str(blocker / "sub"))
+    done = _train(synthetic, tmp_path, "--ckpt_dir", str(blocker / "sub"))
     assert done.returncode != 0
-    assert _last_lines(done)[0].startswith(f"Error: {knob}={blocker / 'sub'}: cannot write there")
-    assert "epoch" not in done.stdout and not (tmp_path / "models" / "model.pt").exists()
-
-
-def test_inference_into_an_unwritable_folder_is_refused_up_front(synthetic, tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
+    assert _last_lines(done)[0].startswith(f"Error: ckpt_dir={blocker / 'sub'}: cannot write there")
+    assert "epoch" not in done.stdout and not (tmp_path / "eval").exists()
     done = monai_bundle(
         "run", "inference", "--config_file", INFERENCE, "--sam_variant", "tiny",
         "--dataset_dir", str(synthetic / "microscopy"), "--output_dir", str(blocker / "out"),
@@ -93,52 +98,57 @@ def test_inference_into_an_unwritable_folder_is_refused_up_front(synthetic, tmp_
     assert done.returncode != 0 and _last_lines(done)[0].startswith(f"Error: output_dir={blocker / 'out'}:")
 
 
+def test_check_writable_names_the_knob_and_creates_nothing(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    check_writable(output_dir=tmp_path / "new" / "deep", ckpt_dir=tmp_path)  # creatable, writable
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(PermissionError, match="output_dir=.*a_file/x: cannot write there .*a_file is a file"):
+        check_writable(output_dir=tmp_path / "a_file" / "x")
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
 
 
-@pytest.mark.parametrize("content", ["truncated", "pickle"])
-def test_an_unreadable_training_state_is_named_with_what_to_do(synthetic, tmp_path, content):
+def test_an_unreadable_training_state_is_named_with_what_to_do(synthetic, tmp_path):
     state = tmp_path / "models" / "training_state.ckpt"
     state.parent.mkdir()
-    state.write_bytes(b"PK\x03\x04 cut short" if content == "truncated" else pickle.dumps(_Payload()))
+    state.write_bytes(pickle.dumps(_Payload()))  # by the command line: the message and no advice
     done = _train(synthetic, tmp_path, "--epochs", "1")
     assert done.returncode != 0
-    reason = "truncated or not a PyTorch file" if content == "truncated" else "it holds Python objects"
     (line,) = _last_lines(done)
-    assert line.startswith(f"Error: {state}: cannot resume from this training state ({reason}")
+    assert line.startswith(f"Error: {state}: cannot resume from this training state (it holds Python objects")
     assert "--resume false" in line and "weights_only=False" not in done.stderr
     assert not (BUNDLE / "PWNED").exists() and not (tmp_path / "models" / "model.pt").exists()
-    restarted = _train(synthetic, tmp_path, "--epochs", "1", "--resume", "false")
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    state.write_bytes(b"PK\x03\x04 cut short")  # in-process: the other reason
+    with pytest.raises(ValueError, match="truncated or not a PyTorch file"):
+        check_state(state)
+    check_state(state, resume="false")  # not resumed: not read
 
 
 def test_a_second_training_into_the_same_folder_refuses(synthetic, tmp_path):
     args = ["--config_file", TRAIN, "--sam_variant", "tiny", "--dataset_dir", str(synthetic / "microscopy")]
-    args += ["--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"), "--epochs", "300"]
-    args += ["--early_stop_patience", "0"]
-    first = training_until_first_epoch(args, tmp_path / "models" / "training_state.ckpt")
+    args += ["--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models")]
+    first = training_until_first_epoch(
+        [*args, "--epochs", "300", "--early_stop_patience", "0"], tmp_path / "models" / "training_state.ckpt"
+    )
     try:
         assert first.poll() is None, "the first training must still run"
-        second = monai_bundle("run", "training", *args[:-4], "--epochs", "1")
+        second = monai_bundle("run", "training", *args, "--epochs", "1")
         assert second.returncode != 0
         (line,) = _last_lines(second)
         assert line.startswith(f"Error: {tmp_path / 'models'} is in use by a training still running (process ")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    # killed, it leaves no stale lock: the same command now runs (and resumes)
-    again = monai_bundle("run", "training", *args[:-4], "--epochs", "2")
-    assert again.returncode == 0, again.stderr[-3000:]
-
-
-def test_written_files_take_the_umask_mode(synthetic, tmp_path):
+    # killed, it leaves no stale lock: the same command now runs (it resumes); under umask 022 its
+    # files are 0644, not mkstemp's 0600
     old = os.umask(0o022)
     try:
-        done = _train(synthetic, tmp_path, "--epochs", "1")
+        again = monai_bundle("run", "training", *args, "--epochs", "2", "--resume", "false")
     finally:
         os.umask(old)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert again.returncode == 0, again.stderr[-3000:]
     for path in (tmp_path / "models" / "model.pt", tmp_path / "models" / "training_state.ckpt"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
