@@ -27,6 +27,7 @@ class PTSAM(nn.Module):
     ``fused_attention`` (default) runs the encoder's attention as one fused kernel;
     ``activation_checkpointing`` trades time for memory when image-encoder prompts train; by
     default (None) it is on exactly then (ViT-B MD+IE at batch 4: 3 GB of GPU memory instead of 24).
+    ``backbone``: a ``SamBackbone`` already built for ``sam_variant`` (a study's cells share one).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class PTSAM(nn.Module):
         backbone_seed: int = 0,
         fused_attention: bool = True,
         activation_checkpointing: bool | None = None,
+        backbone: SamBackbone | None = None,
     ):
         super().__init__()
         if num_classes < 1:
@@ -51,7 +53,9 @@ class PTSAM(nn.Module):
         self.fused_attention = flag(fused_attention)
         checkpointing = optional_flag(activation_checkpointing)
         self.activation_checkpointing = n_ie_prompts > 0 if checkpointing is None else checkpointing
-        self.backbone = SamBackbone(sam_variant, sam_checkpoint, seed=backbone_seed)
+        if backbone is None:
+            backbone = SamBackbone(sam_variant, sam_checkpoint, seed=backbone_seed)
+        self.backbone = backbone
         variant = self.backbone.variant
         self.img_size = variant.img_size
         self.md_prompts = MaskDecoderPrompts(num_classes, n_md_prompts, PROMPT_EMBED_DIM)
