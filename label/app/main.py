@@ -211,11 +211,16 @@ class PTSAMInferTask(BundleInferTask):
             raise HTTPException(status_code=500, detail=f"{request.get('image')}: inference failed: {err}") from err
 
     def writer(self, data: dict, extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
-        """Send the label the bundle wrote (``pred_path``), moved out of its folder so nothing
-        piles up; MONAI Label deletes what it sends."""
+        """Send the label the bundle wrote (``pred_path``), or with the ``geojson`` option its
+        polygons (``pred_geojson_path``, for QuPath), moved out of its folder so nothing piles up;
+        MONAI Label deletes what it sends."""
         written = data.get(f"{self.key_pred}_path")
         if not written:
             return super().writer(data, extension, dtype)
+        polygons = data.get(f"{self.key_pred}_geojson_path")
+        if polygons:
+            os.unlink(written)  # the label itself is not sent: it would stay behind
+            written = polygons
         name = Path(written).name
         suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
         handle, out = tempfile.mkstemp(suffix=suffix)

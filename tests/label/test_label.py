@@ -30,6 +30,7 @@ import torch
 from scipy import ndimage
 
 from helpers import BUNDLE, REPO, monai_bundle
+from scripts.data.io.geojson import rasterise
 from scripts.demo.synthetic import write_dicom_series
 from scripts.model.prompt_file import RECIPE_KEY, encode_json, read_recipe
 
@@ -299,6 +300,15 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     assert instances.max() == ndimage.label(after)[1] and set(np.unique(instances)) == set(range(instances.max() + 1))
     again = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_again.tif"))
     assert np.array_equal(again, after)  # options last one request
+
+    # QuPath-ready polygons of the same objects: a GeoJSON FeatureCollection instead of the label
+    status, body, _ = _infer(base, "cells_000", {"geojson": True})
+    assert status == 200, body[-2000:]
+    collection = json.loads(body)
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == ndimage.label(after)[1]
+    assert {f["properties"]["classification"]["name"] for f in collection["features"]} == {"foreground"}
+    drawn = rasterise(collection, after.shape) > 0
+    assert np.logical_and(drawn, after > 0).sum() / np.logical_or(drawn, after > 0).sum() >= 0.95
 
     # The run is in the bundle's MLflow store, with MONAI Label's datalist (3 train, 1 validation).
     runs = _runs(bundle)
