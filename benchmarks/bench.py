@@ -36,6 +36,7 @@ VARIANT = "tiny" if QUICK else "vit_b"
 REPEATS = 3 if QUICK else 2
 N_IMAGES = 4
 N_SLICES = 8 if QUICK else 4
+VOLUME_SLICES = 32
 
 
 def _median_times(fns: dict[str, callable], repeats: int = REPEATS) -> dict[str, float]:
@@ -80,7 +81,11 @@ def bench_encoder(net: PTSAM, image: torch.Tensor) -> dict[str, float]:
         fused = encode_image(encoder, image, None, fused=True)
         stock = encoder(image)
         t = _median_times({"stock": lambda: encoder(image), "fused": lambda: encode_image(encoder, image, None)})
-    return {"encoder_time_ratio": t["fused"] / t["stock"], "encoder_max_abs_diff": float((fused - stock).abs().max())}
+    return {
+        "encoder_time_ratio": t["fused"] / t["stock"],
+        "encoder_max_abs_diff": float((fused - stock).abs().max()),
+        "stock_encoder_s": t["stock"],
+    }
 
 
 def bench_cache(net: PTSAM, images: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -110,25 +115,28 @@ def bench_cache(net: PTSAM, images: torch.Tensor, target: torch.Tensor) -> dict[
 
 
 _STEP = """
-import sys, resource, warnings, torch
+import sys, resource, time, warnings, torch
 warnings.simplefilter("ignore")
-sys.path.insert(0, {bundle!r})
+sys.path[:0] = [{bundle!r}, {benchmarks!r}]
+from live_memory import LiveTensorBytes
 from scripts.model.network import PTSAM
 net = PTSAM({variant!r}, n_md_prompts=8, n_ie_prompts=8, activation_checkpointing={ckpt})
 image = torch.randn(1, 3, net.img_size, net.img_size)
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-import time
 start = time.perf_counter()
 for _ in range({repeats}):
     net(image).sigmoid().mean().backward()
 elapsed = (time.perf_counter() - start) / {repeats}
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(peak - before, elapsed)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+with LiveTensorBytes() as live:  # one more step, counted (the counting slows it: not timed)
+    net(image).sigmoid().mean().backward()
+print(live.peak, rss, elapsed)
 """
 
 
-def _ie_step(ckpt: bool) -> tuple[float, float]:
-    """(peak memory growth in bytes, seconds) of an MD+IE training step, in a fresh process."""
+def _ie_step(ckpt: bool) -> tuple[float, float, float]:
+    """(peak tensor bytes alive, peak resident memory growth, seconds) of an MD+IE training
+    step, in a fresh process; on a GPU both memory figures are torch's peak allocated bytes."""
     if torch.cuda.is_available():
         net = PTSAM(VARIANT, n_md_prompts=8, n_ie_prompts=8, activation_checkpointing=ckpt).cuda()
         image = torch.randn(1, 3, net.img_size, net.img_size, device="cuda")
@@ -137,32 +145,37 @@ def _ie_step(ckpt: bool) -> tuple[float, float]:
         start = time.perf_counter()
         net(image).sigmoid().mean().backward()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base, time.perf_counter() - start
-    code = _STEP.format(bundle=str(ROOT / "bundle"), variant=VARIANT, ckpt=ckpt, repeats=REPEATS)
+        peak = torch.cuda.max_memory_allocated() - base
+        return peak, peak, time.perf_counter() - start
+    code = _STEP.format(
+        bundle=str(ROOT / "bundle"), benchmarks=str(ROOT / "benchmarks"), variant=VARIANT, ckpt=ckpt, repeats=REPEATS
+    )
     # One malloc arena: freed blocks are reused instead of spread over per-thread arenas, so the
     # child's peak resident memory follows its live tensors more closely.
     env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    out = done.stdout.split()
-    return float(out[0]), float(out[1])
+    live, rss, seconds = (float(v) for v in done.stdout.split())
+    return live, rss, seconds
 
 
 def bench_checkpointing() -> dict[str, float]:
-    plain_mem, plain_time = _ie_step(False)
-    ckpt_mem, ckpt_time = _ie_step(True)
+    plain_live, plain_rss, plain_time = _ie_step(False)
+    ckpt_live, ckpt_rss, ckpt_time = _ie_step(True)
     return {
-        "ie_checkpoint_memory_ratio": ckpt_mem / plain_mem,
+        "ie_checkpoint_memory_ratio": ckpt_live / plain_live,
+        "ie_checkpoint_rss_ratio": ckpt_rss / plain_rss,
         "ie_checkpoint_time_ratio": ckpt_time / plain_time,
-        "ie_step_peak_memory_mb_plain": plain_mem / 2**20,
-        "ie_step_peak_memory_mb_checkpointed": ckpt_mem / 2**20,
+        "ie_step_tensor_mb_plain": plain_live / 2**20,
+        "ie_step_tensor_mb_checkpointed": ckpt_live / 2**20,
+        "ie_step_rss_mb_plain": plain_rss / 2**20,
+        "ie_step_rss_mb_checkpointed": ckpt_rss / 2**20,
     }
 
 
 def bench_inference(net: PTSAM, workdir: Path) -> dict[str, float]:
     """Full 2D inference of one file (read, preprocess, network, invert, postprocess, write)
-    against the encoder forward alone."""
+    against the encoder forward alone, with each stage's share of the encoder's time."""
     import tifffile
-    from monai.transforms import Compose
 
     from scripts.data.postprocess import LogitsToLabeld, WriteLabeld
     from scripts.data.transforms import InvertSamInputd, LoadImageAnyd, SamChannelsd, SamInputd, SamIntensityd
@@ -170,14 +183,29 @@ def bench_inference(net: PTSAM, workdir: Path) -> dict[str, float]:
     size = net.img_size
     path = workdir / "field.tif"
     tifffile.imwrite(path, (np.random.default_rng(0).random((size * 3 // 4, size)) * 4000).astype(np.uint16))
-    pre = Compose([LoadImageAnyd("image"), SamIntensityd("image"), SamChannelsd("image"), SamInputd("image", size)])
-    post = Compose([InvertSamInputd("pred"), LogitsToLabeld("pred"), WriteLabeld("pred", output_dir=str(workdir))])
+
+    def network(d: dict) -> dict:
+        d["pred"] = net(d["image"].as_tensor()[None])[0]
+        return d
+
+    stages = {
+        "read": LoadImageAnyd("image"),
+        "intensity": lambda d: SamChannelsd("image")(SamIntensityd("image")(d)),
+        "resize": SamInputd("image", size),
+        "network": network,
+        "invert": InvertSamInputd("pred"),
+        "threshold": LogitsToLabeld("pred"),
+        "write": WriteLabeld("pred", output_dir=str(workdir)),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in stages}
 
     def full() -> None:
         with torch.no_grad():
-            d = pre({"image": str(path)})
-            d["pred"] = net(d["image"].as_tensor()[None])[0]
-            post(d)
+            d = {"image": str(path)}
+            for name, stage in stages.items():
+                start = time.perf_counter()
+                d = stage(d)
+                seconds[name].append(time.perf_counter() - start)
 
     image = torch.randn(1, 3, size, size)
 
@@ -186,7 +214,71 @@ def bench_inference(net: PTSAM, workdir: Path) -> dict[str, float]:
             net.encode(image)
 
     t = _median_times({"encoder": encoder_only, "full": full})
-    return {"infer_overhead_ratio": t["full"] / t["encoder"]}
+    shares = {f"infer_share_{name}": statistics.median(v) / t["encoder"] for name, v in seconds.items()}
+    return {"infer_overhead_ratio": t["full"] / t["encoder"], **shares}
+
+
+# The encoder's CPU fast paths (scripts/model/runtime.py): engine and int8, by name.
+FAST_PATHS = {
+    "onnxruntime": ("onnxruntime", False),
+    "openvino": ("openvino", False),
+    "onnxruntime_int8": ("onnxruntime", True),
+    "torch_int8": ("torch", True),
+}
+
+
+def _fast(net: PTSAM, engine: str, int8: bool) -> PTSAM:
+    fast = PTSAM(VARIANT, n_md_prompts=8, backbone=net.backbone, encoder_engine=engine, encoder_int8=int8)
+    fast.load_state_dict(net.state_dict())
+    return fast.eval()
+
+
+def bench_fast_paths(net: PTSAM, image: torch.Tensor, stock_s: float) -> dict[str, float]:
+    """Each fast path's encoder time against segment-anything's (timed in ``bench_encoder``), its
+    one-time build (export, quantisation, compilation) and its embeddings' relative error."""
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        reference = net.encode(image)
+        for name, (engine, int8) in FAST_PATHS.items():
+            fast = _fast(net, engine, int8)
+            start = time.perf_counter()
+            fast._fast_encoder()
+            out[f"build_s_{name}"] = time.perf_counter() - start
+            error = (fast.encode(image) - reference).norm() / reference.norm()
+            t = _median_times({name: lambda fast=fast: fast.encode(image)})
+            out[f"encoder_ratio_{name}"] = t[name] / stock_s
+            out[f"encoder_rel_error_{name}"] = float(error)
+    return out
+
+
+def bench_volume_cpu(net: PTSAM, workdir: Path, stock_s: float) -> dict[str, float]:
+    """A CT volume of VOLUME_SLICES slices end to end (read, window, resize, network slice by
+    slice, invert, threshold, write), the encoder on ONNX Runtime in float32 and in int8, against
+    segment-anything's encoder once per slice. Each path runs once: a run is minutes."""
+    import nibabel as nib
+    from monai.transforms import Compose
+
+    from scripts.data.postprocess import LogitsToLabeld, WriteLabeld
+    from scripts.data.transforms import InvertSamInputd, LoadImageAnyd, SamChannelsd, SamInputd, SamIntensityd
+
+    path = workdir / "ct.nii.gz"
+    hu = np.random.default_rng(1).normal(0, 300, (512, 512, VOLUME_SLICES)).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), path)
+    window = SamIntensityd("image", mode="window")
+    pre = Compose([LoadImageAnyd("image"), window, SamChannelsd("image"), SamInputd("image", net.img_size)])
+    post = Compose([InvertSamInputd("pred"), LogitsToLabeld("pred"), WriteLabeld("pred", output_dir=str(workdir))])
+    inferer = SliceBatchInferer(batch_size=1)
+    out: dict[str, float] = {}
+    for name, int8 in (("", False), ("_int8", True)):
+        fast = _fast(net, "onnxruntime", int8)
+        with torch.no_grad():
+            fast._fast_encoder()  # built in bench_fast_paths: found in the cache folder
+            start = time.perf_counter()
+            d = pre({"image": str(path)})
+            d["pred"] = inferer(d["image"].as_tensor()[None], fast)[0]
+            post(d)
+            out[f"volume_cpu_ratio{name}"] = (time.perf_counter() - start) / (VOLUME_SLICES * stock_s)
+    return out
 
 
 def bench_volume(net: PTSAM) -> dict[str, float]:
@@ -205,12 +297,15 @@ def main() -> None:
     target = (torch.rand(N_IMAGES, 1, size, size) > 0.5).float()
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["PTSAM_CACHE_DIR"] = tmp  # the fast paths' exports are built here, timed
         for name, run in (
             ("encoder", lambda: bench_encoder(net, images[:1])),
+            ("fast paths", lambda: bench_fast_paths(net, images[:1], results["stock_encoder_s"])),
             ("cache", lambda: bench_cache(net, images, target)),
             ("checkpointing", bench_checkpointing),
             ("inference", lambda: bench_inference(net, Path(tmp))),
             ("volume", lambda: bench_volume(net)),
+            ("volume on a CPU", lambda: bench_volume_cpu(net, Path(tmp), results["stock_encoder_s"])),
         ):
             start = time.perf_counter()
             results.update(run())
@@ -229,6 +324,10 @@ def main() -> None:
         "ie_checkpoint_time_ratio": "<= 1.5",
         "infer_overhead_ratio": "<= 1.1",
         "volume_batch_speedup": "(report)",
+        "volume_cpu_ratio": "<= 0.3",
+        "volume_cpu_ratio_int8": "<= 0.3",
+        "ie_checkpoint_rss_ratio": "(report)",
+        **{f"encoder_rel_error_{name}": "<= 1e-5" for name, (_, int8) in FAST_PATHS.items() if not int8},
     }
     cpu = report["machine"]
     print(f"\nPTSAM benchmark ({report['mode']}, {VARIANT} at {size} px) on {cpu['cpu']}, {cpu['cores']} cores")

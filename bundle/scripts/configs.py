@@ -20,6 +20,7 @@ import scripts.engine.screening
 import scripts.engine.study
 import scripts.engine.tracking
 import scripts.model.prompts
+import scripts.model.runtime
 import scripts.model.sam  # noqa: F401
 from scripts.common.errors import install_for_command_line
 

@@ -63,8 +63,9 @@ def test_evaluation_csv_matches_a_recomputation(synthetic, trained, tmp_path):
     )
     assert all(0 <= float(r[k]) <= 1 for r in rows for k in ("dice", "iou"))
     assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 1
-    # The same model's written predictions, compared with the labels independently.
-    infer = _infer(synthetic / "microscopy", trained, tmp_path / "pred")
+    # The same model's written predictions, compared with the labels independently; with the
+    # encoder on ONNX Runtime, which must agree with PyTorch's evaluation.
+    infer = _infer(synthetic / "microscopy", trained, tmp_path / "pred", "--encoder_engine", "onnxruntime")
     assert infer.returncode == 0, infer.stderr[-3000:]
     for row in rows:
         image = Path(row["image"])
@@ -73,8 +74,9 @@ def test_evaluation_csv_matches_a_recomputation(synthetic, trained, tmp_path):
         inter = np.logical_and(pred > 0, truth > 0).sum()
         total = (pred > 0).sum() + (truth > 0).sum()
         dice = 1.0 if total == 0 else 2 * inter / total
-        assert abs(dice - float(row["dice"])) < 1e-6
-        assert int(row["truth_voxels"]) == (truth > 0).sum() and int(row["pred_voxels"]) == (pred > 0).sum()
+        assert abs(dice - float(row["dice"])) < 1e-3  # a pixel at the threshold may flip under float rounding
+        assert int(row["truth_voxels"]) == (truth > 0).sum()
+        assert abs(int(row["pred_voxels"]) - (pred > 0).sum()) <= 2
 
 
 def test_inference_keeps_shape_and_geometry_of_volumes_and_dicom(synthetic, trained, tmp_path):

@@ -27,6 +27,13 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's files are 0600
 
 
+def cache_root() -> Path:
+    """Where PTSAM keeps what it can rebuild (the demo's generalist, exported encoders):
+    ``$PTSAM_CACHE_DIR``, else ``$XDG_CACHE_HOME/ptsam``, else ``~/.cache/ptsam``."""
+    root = os.environ.get("PTSAM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ptsam"
+    return Path(root)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path`` (same suffix, so writers that pick
     the format by name still work), then rename it to ``path``."""
@@ -42,6 +49,30 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a new temporary folder beside ``path``, then rename it to ``path``:
+    files that belong together (an ONNX model and its external data) appear all at once. If
+    another process got there first, its folder is kept and ours dropped."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        for child in tmp.iterdir():
+            os.chmod(child, _FILE_MODE)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

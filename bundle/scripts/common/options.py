@@ -89,6 +89,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "scale": _choice("resize", "native"),
     "sw_blend": _choice("gaussian", "constant"),
     "cache_dtype": _choice("float32", "float16"),
+    "encoder_engine": _choice("torch", "onnxruntime", "openvino"),
     "n_overlays": _integer(0),
 }
 

@@ -13,6 +13,7 @@ from . import prompt_file
 from .decoder import decode_masks
 from .encoder import encode_image
 from .prompts import ImageEncoderPrompts, MaskDecoderPrompts
+from .runtime import EncoderRuntime, check_engine
 from .sam import PROMPT_EMBED_DIM, SamBackbone
 
 
@@ -28,6 +29,8 @@ class PTSAM(nn.Module):
     ``activation_checkpointing`` trades time for memory when image-encoder prompts train; by
     default (None) it is on exactly then (ViT-B MD+IE at batch 4: 3 GB of GPU memory instead of 24).
     ``backbone``: a ``SamBackbone`` already built for ``sam_variant`` (a study's cells share one).
+    ``encoder_engine`` (``torch`` | ``onnxruntime`` | ``openvino``) and ``encoder_int8``: the
+    encoder's inference fast paths on a CPU (``runtime.py``); inference only.
     """
 
     def __init__(
@@ -41,6 +44,8 @@ class PTSAM(nn.Module):
         fused_attention: bool = True,
         activation_checkpointing: bool | None = None,
         backbone: SamBackbone | None = None,
+        encoder_engine: str = "torch",
+        encoder_int8: bool = False,
     ):
         super().__init__()
         if num_classes < 1:
@@ -50,6 +55,9 @@ class PTSAM(nn.Module):
                 f"prompt counts must be >= 0, got n_md_prompts={n_md_prompts}, n_ie_prompts={n_ie_prompts}"
             )
         self.num_classes = num_classes
+        self.encoder_engine, self.encoder_int8 = encoder_engine, flag(encoder_int8)
+        check_engine(self.encoder_engine, self.encoder_int8)
+        self._runtime: EncoderRuntime | None = None  # built at the first fast-path call
         self.fused_attention = flag(fused_attention)
         checkpointing = optional_flag(activation_checkpointing)
         self.activation_checkpointing = n_ie_prompts > 0 if checkpointing is None else checkpointing
@@ -68,6 +76,8 @@ class PTSAM(nn.Module):
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> image embeddings (B, 256, S/16, S/16)."""
         self._check_input(image)
+        if self.encoder_engine != "torch" or self.encoder_int8:
+            return self._fast_encoder()(image)
         return encode_image(
             self.backbone.image_encoder,
             image,
@@ -75,6 +85,28 @@ class PTSAM(nn.Module):
             self.fused_attention,
             self.activation_checkpointing,
         )
+
+    def _fast_encoder(self) -> EncoderRuntime:
+        """The runtime for the current weights and image-encoder prompts (rebuilt if they change)."""
+        if self.training or torch.is_grad_enabled():
+            raise RuntimeError(
+                f"encoder_engine={self.encoder_engine!r} / encoder_int8={self.encoder_int8} are inference "
+                "paths: call the network in eval mode under torch.no_grad(), or train with the defaults"
+            )
+        prompts = self.ie_prompts.tokens if self.ie_prompts.n else None
+        key = self.backbone.fingerprint
+        runtime = self._runtime
+        if runtime is None or not runtime.matches(self.encoder_engine, self.encoder_int8, prompts, key):
+            runtime = EncoderRuntime(
+                self.encoder_engine, self.encoder_int8, self.backbone.image_encoder, prompts, key, self.img_size
+            )
+            self._runtime = runtime
+        return runtime
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_runtime"] = None  # an engine session is rebuilt, never copied or pickled
+        return state
 
     def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Image embeddings -> low-resolution logits (B, num_classes, S/4, S/4)."""

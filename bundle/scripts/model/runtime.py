@@ -1,0 +1,202 @@
+"""The frozen image encoder, with its image-encoder prompts baked in, run by an engine made for
+CPUs: the inference fast paths (``encoder_engine`` and ``encoder_int8`` of the network).
+
+- ``torch``: PyTorch as it is (the reference); with ``int8``, its linear layers dynamically
+  quantised to int8 (``torch.ao``).
+- ``onnxruntime``: the encoder exported once to ONNX and run by ONNX Runtime; with ``int8``,
+  its matrix products' weights quantised to int8 by ONNX Runtime's dynamic quantisation.
+- ``openvino``: the same ONNX file compiled by OpenVINO, in float32 (its default on CPUs with
+  bfloat16 units would change the results).
+
+float32 engines agree with PyTorch within float rounding; int8 changes the embeddings by a few
+per cent (measured in ``bundle/docs/benchmarks.md``). Exported files are kept under the PTSAM
+cache folder, keyed by the weights, the prompts, the encoder's code and the torch version, so
+a second run starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..common.files import atomic_folder, cache_root
+from ..common.flags import flag
+from .encoder import encode_image, encoder_version
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("torch", "onnxruntime", "openvino")
+_EXTRA = {"onnxruntime": "export", "openvino": "openvino"}
+
+
+def check_engine(engine: str, int8: bool) -> None:
+    """Refuse a combination that does not exist, before anything is built."""
+    if engine not in ENGINES:
+        raise ValueError(f"encoder_engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "openvino" and int8:
+        raise ValueError(
+            "encoder_int8 is not offered with encoder_engine 'openvino' (it ran the int8 model slower than "
+            "its own float32, bundle/docs/benchmarks.md); use encoder_engine 'onnxruntime' for int8"
+        )
+
+
+def require_engine(engine: str, int8: Any, device: Any) -> None:
+    """At a workflow's start: the engine exists here, and the network runs on the CPU."""
+    int8 = flag(int8)
+    check_engine(engine, int8)
+    if engine == "torch" and not int8:
+        return
+    if torch.device(device).type != "cpu":
+        raise ValueError(
+            f"encoder_engine {engine!r} / encoder_int8 {int8} are CPU paths, but device is {device}; "
+            "on a GPU use the defaults (encoder_engine torch, encoder_int8 false) and amp"
+        )
+    if engine != "torch":
+        for module in ("onnx", "onnxscript", engine):  # exporting, then running
+            _require(module, engine)
+
+
+def _require(module: str, engine: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError as err:
+        raise ImportError(
+            f"encoder_engine {engine!r} needs the {module!r} package: pip install 'ptsam-bundle[{_EXTRA[engine]}]'"
+        ) from err
+
+
+class _Encoder(nn.Module):
+    """``encode_image`` with fixed prompts, as one module to export or quantise."""
+
+    def __init__(self, encoder: nn.Module, prompts: torch.Tensor | None):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("prompts", prompts, persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return encode_image(self.encoder, image, self.prompts)
+
+
+def cache_folder() -> Path:
+    return cache_root() / "encoders"
+
+
+class EncoderRuntime:
+    """Runs ``encoder`` with ``prompts`` on (B, 3, S, S) float32 CPU images -> (B, 256, S/16, S/16).
+
+    Built for one set of weights and prompts; ``matches`` says whether it still serves them.
+    """
+
+    def __init__(
+        self,
+        engine: str,
+        int8: bool,
+        encoder: nn.Module,
+        prompts: torch.Tensor | None,
+        weights_key: str,
+        img_size: int,
+        folder: Path | None = None,
+    ):
+        check_engine(engine, int8)
+        self.engine, self.int8, self.img_size = engine, int8, img_size
+        self.key = self.key_of(engine, int8, prompts, weights_key, img_size)
+        self.threads = torch.get_num_threads()
+        module = _Encoder(encoder, None if prompts is None else prompts.detach().clone()).eval()
+        if engine == "torch":
+            self._run = self._torch_int8(module) if int8 else module
+            return
+        onnx_path = self._export(module, Path(folder) if folder else cache_folder())
+        self._run = self._onnxruntime(onnx_path) if engine == "onnxruntime" else self._openvino(onnx_path)
+
+    @staticmethod
+    def key_of(engine: str, int8: bool, prompts: torch.Tensor | None, weights_key: str, img_size: int) -> str:
+        digest = hashlib.sha256(f"{encoder_version()}|{torch.__version__}|{weights_key}|{img_size}".encode())
+        if prompts is not None and prompts.numel():
+            tokens = prompts.detach().cpu().float().contiguous()
+            digest.update(str(tuple(tokens.shape)).encode())
+            digest.update(tokens.numpy())
+        return f"{digest.hexdigest()[:20]}|{engine}|{int8}"
+
+    def matches(self, engine: str, int8: bool, prompts: torch.Tensor | None, weights_key: str) -> bool:
+        return self.key == self.key_of(engine, int8, prompts, weights_key, self.img_size)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.device.type != "cpu":
+            raise ValueError(
+                f"encoder_engine {self.engine!r} runs on the CPU, but the images are on {image.device}; "
+                "use encoder_engine 'torch' on a GPU"
+            )
+        if self.engine == "torch":
+            return self._run(image)
+        return torch.from_numpy(np.asarray(self._run(image.float().contiguous().numpy())))
+
+    @staticmethod
+    def _torch_int8(module: nn.Module) -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+            return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
+
+    def _export(self, module: nn.Module, folder: Path) -> Path:
+        """The encoder as ONNX (int8 when asked), exported once and kept in ``folder``."""
+        _require("onnx", self.engine)
+        stem = self.key.split("|")[0]
+        fp32 = folder / f"encoder_{stem}"
+        if not (fp32 / "encoder.onnx").is_file():
+            logger.info("exporting the image encoder to ONNX for %s (once): %s", self.engine, fp32)
+            atomic_folder(fp32, lambda tmp: self._write_onnx(module, tmp / "encoder.onnx"))
+        if not self.int8:
+            return fp32 / "encoder.onnx"
+        int8 = folder / f"encoder_{stem}_int8"
+        if not (int8 / "encoder.onnx").is_file():
+            atomic_folder(int8, lambda tmp: _quantise(fp32 / "encoder.onnx", tmp / "encoder.onnx"))
+        return int8 / "encoder.onnx"
+
+    def _write_onnx(self, module: nn.Module, path: Path) -> None:
+        example = torch.zeros(2, 3, self.img_size, self.img_size)  # a batch of 1 would be fixed at 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=["image"],
+                output_names=["embeddings"],
+                dynamo=True,
+                dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=256)}},
+                verbose=False,
+            )
+
+    def _onnxruntime(self, path: Path) -> Any:
+        ort = _require("onnxruntime", self.engine)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads  # as many as torch uses, not every core
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"image": x})[0]
+
+    def _openvino(self, path: Path) -> Any:
+        ov = _require("openvino", self.engine)
+        compiled = ov.Core().compile_model(
+            str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": self.threads}
+        )
+        return lambda x: compiled(x)[0]
+
+
+def _quantise(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantisation of the matrix products' weights."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()  # it logs advice to pre-process the model on every call
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, use_external_data_format=True)
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,119 @@
+"""The encoder's CPU fast paths (scripts/model/runtime.py) against the PyTorch reference, on the
+tiny generalist with prompts trained here: embeddings' relative error and the masks' Dice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import quiet
+from scripts.demo.scenes import make_scene
+from scripts.model import runtime
+from scripts.model.network import PTSAM
+from scripts.model.sam import PIXEL_MEAN, PIXEL_STD
+
+
+def _scenes(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM-normalised scene images (n, 3, 256, 256) and the union of their objects (n, 1, 256, 256)."""
+    rng = np.random.default_rng(seed)
+    scenes = [make_scene(rng, 256) for _ in range(n)]
+    mean, std = torch.tensor(PIXEL_MEAN)[:, None, None], torch.tensor(PIXEL_STD)[:, None, None]
+    images = torch.stack([(torch.from_numpy(s.image) - mean) / std for s in scenes]).float()
+    masks = torch.stack([torch.from_numpy(s.masks.any(0))[None] for s in scenes]).float()
+    return images, masks
+
+
+@pytest.fixture(scope="module")
+def specialist(generalist) -> PTSAM:
+    """4 decoder tokens trained for 'every object' on 8 scenes (cached embeddings, seconds)."""
+    torch.manual_seed(0)
+    net = quiet(PTSAM, "tiny", sam_checkpoint=generalist, n_md_prompts=4).eval()
+    images, masks = _scenes(0, 8)
+    with torch.no_grad():
+        embeddings = net.encode(images)
+    optimiser = torch.optim.Adam([net.md_prompts.tokens], lr=0.05)
+    for _ in range(60):
+        loss = F.binary_cross_entropy_with_logits(net(embeddings, embedded=True), masks)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return net
+
+
+@pytest.fixture(autouse=True)
+def encoder_files(tmp_path_factory, monkeypatch):
+    folder = tmp_path_factory.getbasetemp() / "encoders"  # one export per module, not per test
+    monkeypatch.setattr(runtime, "cache_folder", lambda: folder)
+    return folder
+
+
+def _exports(folder) -> set[str]:
+    return {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else set()
+
+
+def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def _with(net: PTSAM, engine: str, int8: bool) -> PTSAM:
+    fast = quiet(PTSAM, "tiny", n_md_prompts=4, n_ie_prompts=net.ie_prompts.n, backbone=net.backbone)
+    fast.load_state_dict(net.state_dict())
+    fast.encoder_engine, fast.encoder_int8 = engine, int8
+    return fast.eval()
+
+
+@pytest.mark.parametrize(
+    ("engine", "int8", "max_error", "min_dice"),
+    [("onnxruntime", False, 1e-4, 0.999), ("openvino", False, 1e-4, 0.999), ("onnxruntime", True, 0.05, 0.98),
+     ("torch", True, 0.05, 0.98)],
+)  # fmt: skip
+def test_fast_paths_agree_with_pytorch(specialist, engine, int8, max_error, min_dice):
+    images, masks = _scenes(1, 4)  # held out
+    fast = _with(specialist, engine, int8)
+    with torch.no_grad():
+        reference, embeddings = specialist(images), specialist.encode(images)
+        predicted, fast_embeddings = fast(images), fast.encode(images)
+    assert _dice(reference > 0, masks > 0) >= 0.7  # the reference segments: its masks mean something
+    error = float((fast_embeddings - embeddings).norm() / embeddings.norm())
+    assert error <= max_error
+    assert _dice(predicted > 0, reference > 0) >= min_dice
+    if not int8:
+        assert error <= 1e-5 or engine == "openvino"  # float rounding only
+    else:
+        assert error >= 1e-4  # int8 really ran
+
+
+def test_image_encoder_prompts_are_baked_in_and_followed(specialist, encoder_files):
+    net = quiet(PTSAM, "tiny", n_md_prompts=4, n_ie_prompts=2, backbone=specialist.backbone).eval()
+    with torch.no_grad():
+        net.ie_prompts.tokens.normal_(0, 1)
+    fast = _with(net, "onnxruntime", False)
+    images = _scenes(2, 2)[0]
+    before = _exports(encoder_files)
+    with torch.no_grad():
+        assert (fast.encode(images) - net.encode(images)).abs().max() <= 1e-4
+        fast.ie_prompts.tokens.mul_(-1)  # new prompts (as a loaded model.pt brings): a new export
+        net.ie_prompts.tokens.mul_(-1)
+        assert (fast.encode(images) - net.encode(images)).abs().max() <= 1e-4
+    exported = _exports(encoder_files)
+    assert len(exported - before) == 2  # one per set of prompts
+    again = _with(net, "onnxruntime", False)  # as a new process: it finds the file, no new export
+    with torch.no_grad():
+        assert (again.encode(images) - net.encode(images)).abs().max() <= 1e-4
+    assert _exports(encoder_files) == exported
+
+
+def test_fast_paths_refuse_what_they_cannot_do(specialist):
+    fast = _with(specialist, "onnxruntime", False)
+    image = _scenes(3, 1)[0]
+    with pytest.raises(RuntimeError, match="inference paths"):
+        fast(image)  # gradients on: a training step would silently not reach the prompts
+    with pytest.raises(ValueError, match="CPU paths, but device is cuda"):
+        runtime.require_engine("onnxruntime", "false", "cuda:0")
+    with pytest.raises(ValueError, match="use encoder_engine 'onnxruntime' for int8"):
+        runtime.require_engine("openvino", True, "cpu")
+    with pytest.raises(ValueError, match="encoder_engine must be one of torch, onnxruntime, openvino"):
+        quiet(PTSAM, "tiny", encoder_engine="tensorrt")
+    runtime.require_engine("torch", False, "cuda:0")  # the default is fine anywhere
