@@ -160,18 +160,24 @@ class EncoderRuntime:
 
     def _write_onnx(self, module: nn.Module, path: Path) -> None:
         example = torch.zeros(2, 3, self.img_size, self.img_size)  # a batch of 1 would be fixed at 1
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                input_names=["image"],
-                output_names=["embeddings"],
-                dynamo=True,
-                dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=256)}},
-                verbose=False,
-            )
+        exporter = logging.getLogger("torch.onnx")  # notes on torchvision ops the encoder never uses
+        level = exporter.level
+        exporter.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    str(path),
+                    input_names=["image"],
+                    output_names=["embeddings"],
+                    dynamo=True,
+                    dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=256)}},
+                    verbose=False,
+                )
+        finally:
+            exporter.setLevel(level)
 
     def _onnxruntime(self, path: Path) -> Any:
         ort = _require("onnxruntime", self.engine)
