@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 
 from .engine.distributed import unwrap
 from .model.prompt_file import RECIPE_KEY, load_prompts
+from .model.runtime import write_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +70,7 @@ def export_onnx(network: torch.nn.Module, filepath: str | Path, example_batch: i
     filepath = Path(filepath)
     filepath.parent.mkdir(parents=True, exist_ok=True)
     size = network.img_size
-    example = torch.randn(example_batch, 3, size, size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            network,
-            (example,),
-            str(filepath),
-            input_names=["image"],
-            output_names=["pred"],
-            dynamo=True,
-            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=256)}},
-        )
+    write_onnx(network, torch.randn(example_batch, 3, size, size), filepath, "pred")
     return filepath
 
 

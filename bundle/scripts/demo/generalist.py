@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..common.files import atomic_torch_save, cache_root
+from ..common.files import atomic_torch_save
 from ..model.decoder import decode_masks
 from ..model.sam import PIXEL_MEAN, PIXEL_STD, build_sam, get_variant, random_sam_weights
 from .scenes import make_scene
@@ -31,7 +32,8 @@ DEFAULT_STEPS = 1000
 
 
 def cache_dir() -> Path:
-    return cache_root()
+    root = os.environ.get("PTSAM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ptsam"
+    return Path(root)
 
 
 def code_version() -> str:

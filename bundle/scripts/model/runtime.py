@@ -150,34 +150,14 @@ class EncoderRuntime:
         fp32 = folder / f"encoder_{stem}"
         if not (fp32 / "encoder.onnx").is_file():
             logger.info("exporting the image encoder to ONNX for %s (once): %s", self.engine, fp32)
-            atomic_folder(fp32, lambda tmp: self._write_onnx(module, tmp / "encoder.onnx"))
+            example = torch.zeros(2, 3, self.img_size, self.img_size)
+            atomic_folder(fp32, lambda tmp: write_onnx(module, example, tmp / "encoder.onnx", "embeddings"))
         if not self.int8:
             return fp32 / "encoder.onnx"
         int8 = folder / f"encoder_{stem}_int8"
         if not (int8 / "encoder.onnx").is_file():
             atomic_folder(int8, lambda tmp: _quantise(fp32 / "encoder.onnx", tmp / "encoder.onnx"))
         return int8 / "encoder.onnx"
-
-    def _write_onnx(self, module: nn.Module, path: Path) -> None:
-        example = torch.zeros(2, 3, self.img_size, self.img_size)  # a batch of 1 would be fixed at 1
-        exporter = logging.getLogger("torch.onnx")  # notes on torchvision ops the encoder never uses
-        level = exporter.level
-        exporter.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    module,
-                    (example,),
-                    str(path),
-                    input_names=["image"],
-                    output_names=["embeddings"],
-                    dynamo=True,
-                    dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=256)}},
-                    verbose=False,
-                )
-        finally:
-            exporter.setLevel(level)
 
     def _onnxruntime(self, path: Path) -> Any:
         ort = _require("onnxruntime", self.engine)
@@ -193,6 +173,29 @@ class EncoderRuntime:
             str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": self.threads}
         )
         return lambda x: compiled(x)[0]
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, output_name: str) -> None:
+    """``module`` as ONNX with a dynamic batch axis, input ``image``. The example batch should
+    be 2 or more: a batch of 1 would be fixed at 1."""
+    exporter = logging.getLogger("torch.onnx")  # notes on torchvision ops SAM never uses
+    level = exporter.level
+    exporter.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=["image"],
+                output_names=[output_name],
+                dynamo=True,
+                dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=256)}},
+                verbose=False,
+            )
+    finally:
+        exporter.setLevel(level)
 
 
 def _quantise(source: Path, target: Path) -> None:
