@@ -135,7 +135,10 @@ class EncoderRuntime:
             )
         if self.engine == "torch":
             return self._run(image)
-        return torch.from_numpy(np.asarray(self._run(image.float().contiguous().numpy())))
+        # One image per call: the exported global attention holds (heads, 4096, 4096) floats per
+        # image (0.8 GB on ViT-B), and batching bought no speed on a CPU (docs/benchmarks.md).
+        images = image.float().contiguous().numpy()
+        return torch.from_numpy(np.concatenate([np.asarray(self._run(images[i : i + 1])) for i in range(len(images))]))
 
     @staticmethod
     def _torch_int8(module: nn.Module) -> nn.Module:
