@@ -2,8 +2,9 @@
 measured side by side in one run (interleaved repeats, medians), printed as a table and written
 to bench.json with the machine they ran on.
 
-BENCH_QUICK=1 uses the `tiny` variant (256 px) and fewer repeats: the same comparisons in a few
-minutes on 2 cores. The full run uses ViT-B at 1024 px, the one to record.
+BENCH_QUICK=1 uses the `tiny` variant (256 px) and fewer repeats: the same comparisons in about
+30 s on 2 cores. The full run uses ViT-B at 1024 px, the one to record (20-25 minutes on 2
+cores, most of it the stock encoder the fast paths and volumes are timed against).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ for _ in range({repeats}):
     net(image).sigmoid().mean().backward()
 elapsed = (time.perf_counter() - start) / {repeats}
 # The peak of this process's own memory map: ru_maxrss would report the parent's RSS at fork
-# when that is larger (Linux keeps it across exec), which is what the full run once measured.
+# when that is larger (Linux keeps it across exec), as two full runs once did.
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 rss = int(hwm.split()[1]) * 1024 - before
 with LiveTensorBytes() as live:  # one more step, counted (the counting slows it: not timed)
@@ -153,8 +154,7 @@ def _ie_step(ckpt: bool) -> tuple[float, float, float]:
         bundle=str(ROOT / "bundle"), benchmarks=str(ROOT / "benchmarks"), variant=VARIANT, ckpt=ckpt, repeats=REPEATS
     )
     # A controlled allocator for the RSS figure: one malloc arena, and a fixed mmap threshold, so
-    # that glibc does not raise it after the first large free and keep freed tensors in its heap
-    # (without it a full run once measured the same RSS with and without checkpointing).
+    # that glibc does not raise it after the first large free and keep freed tensors in its heap.
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     live, rss, seconds = (float(v) for v in done.stdout.split())
