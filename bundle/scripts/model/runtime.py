@@ -102,7 +102,6 @@ class EncoderRuntime:
         prompts: torch.Tensor | None,
         weights_key: str,
         img_size: int,
-        folder: Path | None = None,
     ):
         check_engine(engine, int8)
         self.engine, self.int8, self.img_size = engine, int8, img_size
@@ -112,7 +111,7 @@ class EncoderRuntime:
         if engine == "torch":
             self._run = self._torch_int8(module) if int8 else module
             return
-        onnx_path = self._export(module, Path(folder) if folder else cache_folder())
+        onnx_path = self._export(module, cache_folder())
         self._run = self._onnxruntime(onnx_path) if engine == "onnxruntime" else self._openvino(onnx_path)
 
     @staticmethod
