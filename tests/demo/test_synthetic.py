@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from helpers import BUNDLE
 from scripts.data.io import read_image
-from scripts.demo.synthetic import generate
+from scripts.demo.synthetic import generate, shapes_case, shapes_scene
 
 
 def test_one_command_writes_three_datasets(tmp_path):
@@ -35,7 +35,7 @@ def test_one_command_writes_three_datasets(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    for modality, name in (("microscopy", "cell"), ("ct", "organ"), ("endoscopy", "polyp"), ("cells_rods", "cell")):
+    for modality, name in (("microscopy", "cell"), ("ct", "organ"), ("endoscopy", "polyp"), ("cells_rods", "cell"), ("shapes", "ellipse")):
         spec = json.loads((tmp_path / modality / "dataset.json").read_text())
         assert (len(spec["training"]), len(spec["validation"])) == (2, 1)
         assert spec["labels"]["1"] == name
@@ -97,3 +97,26 @@ def test_dicom_series_is_the_same_case_as_its_nifti(synthetic):
     series, s_meta = read_image(synthetic / "ct" / folder)
     nifti, n_meta = read_image(synthetic / "ct/imagesTr/ct_006.nii.gz")
     assert np.array_equal(series, nifti) and np.allclose(s_meta["affine"], n_meta["affine"], atol=1e-4)
+
+
+def test_shapes_tell_their_kinds_apart_only_by_shape():
+    """The kind-selective task: the ellipses are labelled and nothing else, and over many scenes
+    ellipses and the other objects have the same colours and sizes (only the shape differs)."""
+    rng = np.random.default_rng(0)
+    stats = {"ellipse": [], "other": []}
+    for _ in range(30):
+        image, regions, kinds = shapes_scene(rng)
+        assert "ellipse" in kinds and set(kinds) - {"ellipse"}
+        for region, kind in zip(regions, kinds):
+            stats["ellipse" if kind == "ellipse" else "other"].append((image[region].mean(), region.sum()))
+    (ellipse_colour, ellipse_area), (other_colour, other_area) = (np.mean(stats[k], axis=0) for k in stats)
+    assert abs(ellipse_colour - other_colour) < 12 and 0.75 < ellipse_area / other_area < 1.33
+
+    image, label = shapes_case(np.random.default_rng(1))
+    _, regions, kinds = shapes_scene(np.random.default_rng(1))
+    assert image.shape == (256, 256, 3) and set(np.unique(label)) == {0, 1}
+    ellipses = np.any([r for r, k in zip(regions, kinds) if k == "ellipse"], axis=0)
+    assert np.array_equal(label == 1, ellipses)
+    for region, kind in zip(regions, kinds):  # round objects filled as ellipses, the others not
+        if kind != "ellipse":
+            assert not label[region].any()

@@ -10,7 +10,10 @@ test cases (the held-out images evaluation scores):
 - ``endoscopy/``: JPEG frames with a polyp-like region; masks as PNG with values 0/255
   (map them with ``label_map: {255: 1}``);
 - ``cells_rods/``: two classes in 16-bit TIFF fields, round cells (label 1) and thin rod-shaped
-  particles (label 2): ``num_classes: 2``, ``classes: [1, 2]``.
+  particles (label 2): ``num_classes: 2``, ``classes: [1, 2]``;
+- ``shapes/``: PNG scenes of ellipses, rectangles and triangles whose colours, textures and sizes
+  come from the same ranges: only the shape tells the ellipses (label 1) from the others, a
+  purely kind-selective task.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from scipy import ndimage
 
 from .noise import smooth_noise
 
-MODALITIES = ("microscopy", "ct", "endoscopy", "cells_rods")
+MODALITIES = ("microscopy", "ct", "endoscopy", "cells_rods", "shapes")
 
 
 def _ellipse(shape: tuple[int, int], center, radii, angle: float) -> np.ndarray:
@@ -82,6 +85,54 @@ def cells_rods_case(rng: np.random.Generator, shape=(260, 300)) -> tuple[np.ndar
     image = background + 5000 * ndimage.gaussian_filter(signal * texture, 1.2)
     image = rng.poisson(np.clip(image, 1, None)).astype(np.float64) + rng.normal(0, 40, shape)
     return np.clip(image, 0, 65535).astype(np.uint16), label
+
+
+def _triangle(shape: tuple[int, int], center, radius: float, angle: float) -> np.ndarray:
+    """An equilateral triangle: three half-planes at ``radius / 2`` from the centre."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    inside = np.ones(shape, bool)
+    for k in range(3):
+        a = angle + 2 * np.pi * k / 3
+        inside &= np.cos(a) * (xx - center[1]) + np.sin(a) * (yy - center[0]) <= radius / 2
+    return inside
+
+
+def shapes_scene(rng: np.random.Generator, shape=(256, 256)) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """An RGB uint8 scene of 2-4 ellipses and 2-4 rectangles or triangles, none touching, on a
+    textured background; with each object's region and kind. Every kind draws its colour,
+    texture and size from the same ranges, so that only the shape tells the kinds apart."""
+    occupied = np.zeros(shape, bool)
+    rgb = rng.uniform(40, 140, 3) + 18 * smooth_noise(rng, shape, rng.uniform(3, 12))[..., None]
+    regions, placed = [], []
+    kinds = ["ellipse"] * int(rng.integers(2, 5)) + list(rng.choice(["rectangle", "triangle"], int(rng.integers(2, 5))))
+    for kind in rng.permutation(kinds):
+        for _ in range(20):  # a free place, or give up on this object
+            size, angle = rng.uniform(16, 36), rng.uniform(0, np.pi)
+            center = rng.uniform(size, np.array(shape) - size)
+            if kind == "ellipse":
+                region = _ellipse(shape, center, (size * rng.uniform(0.6, 1.0), size), angle)
+            elif kind == "rectangle":
+                region = _rod(shape, center, 1.7 * size, 1.7 * size * rng.uniform(0.6, 1.0), angle)
+            else:
+                region = _triangle(shape, center, 1.4 * size, angle)  # about the others' area
+            if not (ndimage.binary_dilation(region, iterations=3) & occupied).any():
+                occupied |= region
+                fill = rng.uniform(60, 255, 3) + 15 * smooth_noise(rng, shape, rng.uniform(1, 4))[..., None]
+                rgb[region] = fill[region]
+                regions.append(region)
+                placed.append(str(kind))
+                break
+    rgb += rng.normal(0, 4, rgb.shape)
+    return np.clip(rgb, 0, 255).astype(np.uint8), regions, placed
+
+
+def shapes_case(rng: np.random.Generator, shape=(256, 256)) -> tuple[np.ndarray, np.ndarray]:
+    """A scene of ``shapes_scene`` and its mask of the ellipses (label 1)."""
+    rgb, regions, kinds = shapes_scene(rng, shape)
+    label = np.zeros(shape, np.uint8)
+    for region, kind in zip(regions, kinds):
+        label[region] = kind == "ellipse"
+    return rgb, label
 
 
 def ct_case(rng: np.random.Generator, shape=(96, 80, 24)) -> tuple[np.ndarray, np.ndarray]:
@@ -186,12 +237,14 @@ MODALITY_NAMES = {
     "ct": "CT",
     "endoscopy": "endoscopy",
     "cells_rods": "fluorescence microscopy",
+    "shapes": "synthetic scenes",
 }
 LABELS = {
     "microscopy": {"0": "background", "1": "cell"},
     "ct": {"0": "background", "1": "organ"},
     "endoscopy": {"0": "background", "1": "polyp"},
     "cells_rods": {"0": "background", "1": "cell", "2": "rod"},
+    "shapes": {"0": "background", "1": "ellipse"},
 }
 
 
@@ -223,6 +276,9 @@ def generate(
             elif modality == "cells_rods":
                 image, label = cells_rods_case(rng)
                 names, kinds, affine = (f"field_{i:03d}.tif", f"field_{i:03d}.tif"), ("tiff", "tiff"), None
+            elif modality == "shapes":
+                image, label = shapes_case(rng)
+                names, kinds, affine = (f"scene_{i:03d}.png", f"scene_{i:03d}.png"), ("png", "png"), None
             elif modality == "ct":
                 image, label = ct_case(rng)
                 affine = ct_affine(rng)
