@@ -130,7 +130,7 @@ def shapes_case(rng: np.random.Generator, shape=(256, 256)) -> tuple[np.ndarray,
     """A scene of ``shapes_scene`` and its mask of the ellipses (label 1)."""
     rgb, regions, kinds = shapes_scene(rng, shape)
     label = np.zeros(shape, np.uint8)
-    for region, kind in zip(regions, kinds):
+    for region, kind in zip(regions, kinds, strict=True):
         label[region] = kind == "ellipse"
     return rgb, label
 
