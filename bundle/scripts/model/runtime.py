@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,7 @@ class EncoderRuntime:
         check_engine(engine, int8)
         self.engine, self.int8, self.img_size = engine, int8, img_size
         self.key = self.key_of(engine, int8, prompts, weights_key, img_size)
+        self.stem = self.key.partition("|")[0]  # what the exported file depends on: not the engine
         self.threads = torch.get_num_threads()
         module = _Encoder(encoder, None if prompts is None else prompts.detach().clone()).eval()
         if engine == "torch":
@@ -148,15 +151,14 @@ class EncoderRuntime:
     def _export(self, module: nn.Module, folder: Path) -> Path:
         """The encoder as ONNX (int8 when asked), exported once and kept in ``folder``."""
         _require("onnx", self.engine)
-        stem = self.key.split("|")[0]
-        fp32 = folder / f"encoder_{stem}"
+        fp32 = folder / f"encoder_{self.stem}"
         if not (fp32 / "encoder.onnx").is_file():
             logger.info("exporting the image encoder to ONNX for %s (once): %s", self.engine, fp32)
             example = torch.zeros(2, 3, self.img_size, self.img_size)
             atomic_folder(fp32, lambda tmp: write_onnx(module, example, tmp / "encoder.onnx", "embeddings"))
         if not self.int8:
             return fp32 / "encoder.onnx"
-        int8 = folder / f"encoder_{stem}_int8"
+        int8 = folder / f"encoder_{self.stem}_int8"
         if not (int8 / "encoder.onnx").is_file():
             atomic_folder(int8, lambda tmp: _quantise(fp32 / "encoder.onnx", tmp / "encoder.onnx"))
         return int8 / "encoder.onnx"
@@ -180,34 +182,35 @@ class EncoderRuntime:
 def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, output_name: str) -> None:
     """``module`` as ONNX with a dynamic batch axis, input ``image``. The example batch should
     be 2 or more: a batch of 1 would be fixed at 1."""
-    exporter = logging.getLogger("torch.onnx")  # notes on torchvision ops SAM never uses
-    level = exporter.level
-    exporter.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                input_names=["image"],
-                output_names=[output_name],
-                dynamo=True,
-                dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=256)}},
-                verbose=False,
-            )
-    finally:
-        exporter.setLevel(level)
+    with _quiet("torch.onnx"), warnings.catch_warnings():  # notes on torchvision ops SAM never uses
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=[output_name],
+            dynamo=True,
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=256)}},
+            verbose=False,
+        )
 
 
 def _quantise(source: Path, target: Path) -> None:
     """ONNX Runtime's dynamic int8 quantisation of the matrix products' weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()  # it logs advice to pre-process the model on every call
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
+    with _quiet(None):  # it logs advice to pre-process the model, on the root logger, every call
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, use_external_data_format=True)
+
+
+@contextmanager
+def _quiet(name: str | None) -> Iterator[None]:
+    """Only errors from logger ``name`` (None: the root logger) while the block runs."""
+    target = logging.getLogger(name)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
-        root.setLevel(level)
+        target.setLevel(level)
