@@ -98,13 +98,14 @@ def _triangle(shape: tuple[int, int], center, radius: float, angle: float) -> np
 
 
 def shapes_scene(rng: np.random.Generator, shape=(256, 256)) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
-    """An RGB uint8 scene of 2-4 ellipses and 2-4 rectangles or triangles, none touching, on a
+    """An RGB uint8 scene of 1-3 ellipses and 3-6 rectangles or triangles, none touching, on a
     textured background; with each object's region and kind. Every kind draws its colour,
-    texture and size from the same ranges, so that only the shape tells the kinds apart."""
+    texture and size from the same ranges, so that only the shape tells the kinds apart. About
+    30 % of the objects are ellipses: marking every object scores a Dice of about 0.5."""
     occupied = np.zeros(shape, bool)
     rgb = rng.uniform(40, 140, 3) + 18 * smooth_noise(rng, shape, rng.uniform(3, 12))[..., None]
     regions, placed = [], []
-    kinds = ["ellipse"] * int(rng.integers(2, 5)) + list(rng.choice(["rectangle", "triangle"], int(rng.integers(2, 5))))
+    kinds = ["ellipse"] * int(rng.integers(1, 4)) + list(rng.choice(["rectangle", "triangle"], int(rng.integers(3, 7))))
     for kind in rng.permutation(kinds):
         for _ in range(20):  # a free place, or give up on this object
             size, angle = rng.uniform(16, 36), rng.uniform(0, np.pi)

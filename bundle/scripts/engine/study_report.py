@@ -160,11 +160,45 @@ def plot_parameters_vs_dice(rows: Sequence[Mapping[str, Any]], path: Path) -> Pa
     return _save(fig, path)
 
 
+def ie_gains(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What image-encoder tokens add: for every MD+IE row, its test Dice minus that of the MD-only
+    row with the same shots and MD tokens, with the two rows' standard errors combined."""
+    md = {(r["shots"], r["n_md_prompts"]): r for r in rows if r["setting"] == "MD"}
+    gains = []
+    for r in rows:
+        base = md.get((r["shots"], r["n_md_prompts"]))
+        if r["setting"] != "MD+IE" or base is None:
+            continue
+        spread = sum(x["test_dice_std"] ** 2 / x["n_seeds"] for x in (r, base))
+        gains.append({**r, "gain": r["test_dice_mean"] - base["test_dice_mean"], "gain_se": math.sqrt(spread)})
+    return gains
+
+
+def plot_ie_gain(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """MD+IE minus MD-only vs shots, a line per (MD, IE) token pair: above 0, the encoder's tokens help."""
+    gains = ie_gains(rows)
+    fig, (ax,) = _figure(1, "What image-encoder tokens add")
+    ax.set_ylabel("test Dice, MD+IE minus MD only (± s.e.)")
+    ax.set_ylim(auto=True)
+    ax.axhline(0, color="k", linewidth=0.8)
+    at = _categorical(ax, sorted({g["shots"] for g in gains}), "training images (shots)")
+    for series in _series(gains, "n_md_prompts", "shots").values():
+        for ie, line in _series(series, "n_ie_prompts", "shots").items():
+            xs, ys, es = [at[g["shots"]] for g in line], [g["gain"] for g in line], [g["gain_se"] for g in line]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{line[0]['n_md_prompts']} MD + {ie} IE/block")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def write_plots(rows: Sequence[Mapping[str, Any]], folder: str | Path) -> list[Path]:
+    """The three plots; and ``ie_gain_vs_shots.png`` where the grid has MD+IE and MD-only cells to pair."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return [
+    plots = [
         plot_dice_vs_shots(rows, folder / "dice_vs_shots.png"),
         plot_dice_vs_tokens(rows, folder / "dice_vs_tokens.png"),
         plot_parameters_vs_dice(rows, folder / "parameters_vs_dice.png"),
     ]
+    if ie_gains(rows):
+        plots.append(plot_ie_gain(rows, folder / "ie_gain_vs_shots.png"))
+    return plots
