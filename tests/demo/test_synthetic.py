@@ -14,7 +14,7 @@ from scripts.data.io import read_image
 from scripts.demo.synthetic import generate, shapes_case, shapes_scene
 
 
-def test_one_command_writes_three_datasets(tmp_path):
+def test_one_command_writes_every_dataset(tmp_path):
     done = subprocess.run(
         [
             sys.executable,
