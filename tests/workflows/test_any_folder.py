@@ -1,5 +1,6 @@
 """The README's workflows from a working folder that is not the bundle's: MONAI puts the bundle
-on sys.path only once a run starts, so the configs import the bundle's code themselves."""
+on sys.path only once a run starts, and behind the working folder, so the configs put it first
+and import the bundle's code themselves."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ CONFIGS = BUNDLE / "configs"
 
 def test_train_evaluate_infer_and_verify_from_another_folder(synthetic, tmp_path):
     elsewhere = tmp_path / "work"
-    elsewhere.mkdir()
+    (elsewhere / "scripts").mkdir(parents=True)  # a user's project with a package of that name
+    (elsewhere / "scripts" / "__init__.py").write_text('raise ImportError("not the bundle\'s scripts")\n')
     data = synthetic / "microscopy"
     common = ["--bundle_root", str(BUNDLE), "--sam_variant", "tiny", "--dataset_dir", str(data)]
     common += ["--ckpt_dir", "models"]  # relative paths are the working folder's
