@@ -14,7 +14,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.8'
 # A stamp per torch spec: `make setup TORCH_SPEC=...` with another spec reinstalls torch.
 TORCH_STAMP = .torch-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 
-.PHONY: setup test test-fast lint demo bench bench-gpu label label-setup fl clean
+.PHONY: setup test test-fast lint demo bench bench-gpu device-wheels label label-setup fl clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,16 @@ bench: setup
 # Full-size ViT-B/L/H, AMP and activation checkpointing on a CUDA card; writes bench-gpu.json.
 bench-gpu: setup
 	$(PY) benchmarks/gpu.py
+
+# The packages a lent GPU machine lacks (it has torch, numpy, scipy, matplotlib, but no MONAI),
+# as wheels for its Python 3.12 in .whl/, at this environment's versions: benchmarks/device.sh
+# installs them there. See docs/benchmarks.md, "On a lent GPU".
+DEVICE_PACKAGES := monai pytorch-ignite nibabel pydicom segment-anything
+device-wheels: setup
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(shell $(PY) -c "import importlib.metadata as m; print(*(f'{p}=={m.version(p)}' for p in '$(DEVICE_PACKAGES)'.split()))")
 
 label-setup: $(LABEL_VENV)/.installed
 

@@ -1,14 +1,15 @@
-"""The study's summary: image-encoder tokens' gain over MD only, paired by shots and MD tokens."""
+"""The study's summary: image-encoder tokens' gain over MD only, paired by shots and MD tokens; peak GPU memory."""
 
 from __future__ import annotations
 
+import csv
 import math
 import statistics
 
 import pytest
 from PIL import Image
 
-from scripts.engine.study_report import ie_gains, summarize, write_plots
+from scripts.engine.study_report import ie_gains, summarize, write_csv, write_plots
 
 
 def _cell(setting: str, shots: int, md: int, ie: int, dice: float, seed: int) -> dict:
@@ -51,3 +52,14 @@ def test_ie_gain_pairs_each_md_ie_row_with_its_md_only_row(tmp_path):
     assert sorted(p.name for p in (tmp_path / "md_only").iterdir()) == [
         "dice_vs_shots.png", "dice_vs_tokens.png", "parameters_vs_dice.png",
     ]  # fmt: skip
+
+
+def test_peak_gpu_memory_is_the_largest_over_seeds_and_empty_off_a_gpu(tmp_path):
+    gpu = [_cell("MD", 4, 8, 0, 0.8, s) | {"peak_gpu_gib": peak} for s, peak in enumerate((1.5, 2.25))]
+    cpu = [_cell("MD", 8, 8, 0, 0.9, 0) | {"peak_gpu_gib": None}, _cell("MD", 8, 8, 0, 0.9, 1)]  # older: no key
+    rows = {r["shots"]: r for r in summarize(gpu + cpu)}
+    assert rows[4]["peak_gpu_gib_max"] == 2.25
+    assert rows[8]["peak_gpu_gib_max"] is None
+    path = write_csv(summarize(gpu + cpu), tmp_path / "study.csv")
+    with path.open(newline="") as f:
+        assert [r["peak_gpu_gib_max"] for r in csv.DictReader(f)] == ["2.2500", ""]

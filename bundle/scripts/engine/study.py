@@ -375,6 +375,9 @@ class Study:
         set_determinism(seed=cell.seed)  # before the network: its tokens are drawn from the seed
         self._restore_backbone()
         parser = self._cell_parser(cell, parent)
+        device = torch.device(parser.get_parsed_content("device"))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         trainer = parser.get_parsed_content("train#trainer")
         network = parser.get_parsed_content("network")
         if self._backbone is None:
@@ -404,6 +407,7 @@ class Study:
             "epochs_run": int(trainer.state.epoch),
             "trainable_parameters": int(trainable),
             "seconds": round(time.time() - start, 2),
+            "peak_gpu_gib": _peak_gib(device),
             "train_cases": [Path(str(t["image"])).name for t in self.shot_cases(cell.shots, cell.seed)],
             "n_test_images": len(parser.get_parsed_content("test#datalist")),
             "best_file": best_path.name,
@@ -414,6 +418,8 @@ class Study:
             run.log_metric("test_mean_dice", result["test_dice"], 0)
             run.log_metric("trainable_parameters", trainable, 0)
             run.log_metric("cell_seconds", result["seconds"], 0)
+            if result["peak_gpu_gib"] is not None:
+                run.log_metric("peak_gpu_gib", result["peak_gpu_gib"], 0)
         _write_json(self._folder(cell) / "result.json", result)  # last: what marks the cell done
         Path(parser.get_parsed_content("state_path")).unlink(missing_ok=True)  # a done cell never resumes
         return result
@@ -423,6 +429,13 @@ class Study:
         if self._backbone is not None:
             self._backbone.mask_decoder.load_state_dict(self._decoder_as_loaded)
             self._backbone.requires_grad_(False)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    """Peak GPU memory of the cell (the shared backbone's weights included); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
 def _raise_on_sigterm() -> Any:

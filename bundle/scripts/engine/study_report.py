@@ -14,7 +14,7 @@ from ..common.files import atomic_write
 
 COLUMNS = (
     "setting", "tune", "shots", "n_md_prompts", "n_ie_prompts", "trainable_parameters", "n_seeds",
-    "test_dice_mean", "test_dice_std", "val_dice_mean", "seconds_mean",
+    "test_dice_mean", "test_dice_std", "val_dice_mean", "seconds_mean", "peak_gpu_gib_max",
 )  # fmt: skip
 _ORDER = {"MD": 0, "MD+IE": 1, "decoder": 2}
 
@@ -29,6 +29,7 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (setting, tune, shots, md, ie), cells in groups.items():
         dice = [float(c["test_dice"]) for c in cells]
         val = [float(c["val_dice"]) for c in cells if math.isfinite(float(c["val_dice"]))]
+        peaks = [float(c["peak_gpu_gib"]) for c in cells if c.get("peak_gpu_gib") is not None]
         rows.append(
             {
                 "setting": setting,
@@ -42,6 +43,7 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "test_dice_std": statistics.stdev(dice) if len(dice) > 1 else 0.0,
                 "val_dice_mean": statistics.fmean(val) if val else float("nan"),
                 "seconds_mean": statistics.fmean(float(c["seconds"]) for c in cells),
+                "peak_gpu_gib_max": max(peaks) if peaks else None,  # None: not on a GPU
             }
         )
     rows.sort(key=lambda r: (_ORDER[r["setting"]], r["n_ie_prompts"], r["n_md_prompts"], r["shots"]))
