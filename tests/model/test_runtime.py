@@ -1,7 +1,11 @@
 """The encoder's CPU fast paths (scripts/model/runtime.py) against the PyTorch reference, on the
-tiny generalist with prompts trained here: embeddings' relative error and the masks' Dice."""
+tiny generalist with prompts trained here: embeddings' relative error and the masks' Dice; the
+exports' cache kept to its budget."""
 
 from __future__ import annotations
+
+import os
+import time
 
 import numpy as np
 import pytest
@@ -117,3 +121,38 @@ def test_fast_paths_refuse_what_they_cannot_do(specialist):
     with pytest.raises(ValueError, match="encoder_engine must be one of torch, onnxruntime, openvino"):
         quiet(PTSAM, "tiny", encoder_engine="tensorrt")
     runtime.require_engine("torch", False, "cuda:0")  # the default is fine anywhere
+
+
+def _fake_export(folder, name: str, mb: int, age_s: float):
+    path = folder / name
+    path.mkdir(parents=True)
+    (path / "encoder.onnx").write_bytes(b"\0" * (mb * 2**20))
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+def test_old_exports_are_pruned_least_recently_used_first(tmp_path):
+    folder = tmp_path / "encoders"
+    oldest = _fake_export(folder, "encoder_a", 3, 3 * 86400)
+    old = _fake_export(folder, "encoder_b", 3, 2 * 86400)
+    recent = _fake_export(folder, "encoder_c", 3, 60)  # used a minute ago: maybe by another process
+    current = _fake_export(folder, "encoder_d", 3, 7 * 86400)  # the one being used: never
+    (folder / ".encoder_e.tmp").mkdir()  # another process's export being written: not an export
+    assert runtime.prune_exports(folder, [current], 7 * 2**20) == [oldest, old]
+    assert sorted(p.name for p in folder.iterdir()) == [".encoder_e.tmp", "encoder_c", "encoder_d"]
+    assert runtime.prune_exports(folder, [current], float("inf")) == []
+    assert recent.is_dir()
+
+
+def test_a_new_export_prunes_the_cache_to_its_budget(specialist, encoder_files, monkeypatch):
+    stale = _fake_export(encoder_files, "encoder_stale", 2, 30 * 86400)
+    monkeypatch.setenv(runtime.BUDGET_ENV, "0.001")  # 1 MB: everything old goes
+    net = quiet(PTSAM, "tiny", n_md_prompts=4, n_ie_prompts=1, backbone=specialist.backbone).eval()
+    with torch.no_grad():
+        net.ie_prompts.tokens.normal_(0, 1)  # prompts of its own: a new export
+        _with(net, "onnxruntime", False).encode(_scenes(4, 1)[0])
+    assert not stale.exists()
+    assert any((p / "encoder.onnx").is_file() for p in encoder_files.glob("encoder_*"))  # the new one stays
+    monkeypatch.setenv(runtime.BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match="PTSAM_ENCODER_CACHE_GB='lots': expected a number of GB"):
+        runtime.require_engine("onnxruntime", False, "cpu")

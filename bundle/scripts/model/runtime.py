@@ -11,15 +11,19 @@ CPUs: the inference fast paths (``encoder_engine`` and ``encoder_int8`` of the n
 float32 engines agree with PyTorch within float rounding; int8 changes the embeddings by a few
 per cent (measured in ``bundle/docs/benchmarks.md``). Exported files are kept under the PTSAM
 cache folder, keyed by the weights, the prompts, the encoder's code and the torch version, so
-a second run starts at once.
+a second run starts at once. The least recently used exports beyond ``PTSAM_ENCODER_CACHE_GB``
+(8 by default; ``inf``: never) are removed when a new one is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,7 @@ def require_engine(engine: str, int8: Any, device: Any) -> None:
     if engine != "torch":
         for module in ("onnx", "onnxscript", engine):  # exporting, then running
             _require(module, engine)
+        cache_budget()  # a bad PTSAM_ENCODER_CACHE_GB is refused now, not after the export
 
 
 def _require(module: str, engine: str) -> Any:
@@ -88,6 +93,46 @@ class _Encoder(nn.Module):
 
 def cache_folder() -> Path:
     return cache_root() / "encoders"
+
+
+BUDGET_ENV = "PTSAM_ENCODER_CACHE_GB"
+_MIN_AGE_S = 3600  # an export used within the hour may be in use by another process: kept
+
+
+def cache_budget() -> float:
+    """Bytes the encoder exports may take (``PTSAM_ENCODER_CACHE_GB``, default 8 GB)."""
+    text = os.environ.get(BUDGET_ENV, "").strip() or "8"
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:  # also NaN
+        raise ValueError(f"{BUDGET_ENV}={text!r}: expected a number of GB >= 0, or inf")
+    return gb * 2**30
+
+
+def prune_exports(folder: Path, keep: Sequence[Path], budget: float) -> list[Path]:
+    """Remove the least recently used export folders (by modification time, which every use
+    refreshes) until ``folder`` holds at most ``budget`` bytes; never those in ``keep`` nor any
+    used within the hour. Returns what was removed."""
+    exports = []
+    for path in folder.glob("encoder_*"):
+        if path.is_dir() and path not in keep:
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            exports.append((path.stat().st_mtime, size, path))
+    total = sum(size for _, size, _ in exports)
+    total += sum(f.stat().st_size for k in keep if k.is_dir() for f in k.iterdir() if f.is_file())
+    removed = []
+    for mtime, size, path in sorted(exports):
+        if total <= budget:
+            break
+        if time.time() - mtime < _MIN_AGE_S:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("removed the encoder export %s (%.0f MB; %s)", path.name, size / 2**20, BUDGET_ENV)
+        removed.append(path)
+        total -= size
+    return removed
 
 
 class EncoderRuntime:
@@ -156,12 +201,15 @@ class EncoderRuntime:
             logger.info("exporting the image encoder to ONNX for %s (once): %s", self.engine, fp32)
             example = torch.zeros(2, 3, self.img_size, self.img_size)
             atomic_folder(fp32, lambda tmp: write_onnx(module, example, tmp / "encoder.onnx", "embeddings"))
-        if not self.int8:
-            return fp32 / "encoder.onnx"
-        int8 = folder / f"encoder_{self.stem}_int8"
-        if not (int8 / "encoder.onnx").is_file():
-            atomic_folder(int8, lambda tmp: _quantise(fp32 / "encoder.onnx", tmp / "encoder.onnx"))
-        return int8 / "encoder.onnx"
+        used = [fp32]
+        if self.int8:
+            used.append(folder / f"encoder_{self.stem}_int8")
+            if not (used[-1] / "encoder.onnx").is_file():
+                atomic_folder(used[-1], lambda tmp: _quantise(fp32 / "encoder.onnx", tmp / "encoder.onnx"))
+        for path in used:
+            os.utime(path)  # a use: what the pruning's "least recently used" reads
+        prune_exports(folder, used, cache_budget())
+        return used[-1] / "encoder.onnx"
 
     def _onnxruntime(self, path: Path) -> Any:
         ort = _require("onnxruntime", self.engine)
