@@ -26,8 +26,9 @@ $PIP $C --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
 $PIP $C fastapi uvicorn python-multipart pydantic-settings pyjwt passlib cachetools requests \
   schedule timeloop watchdog psutil expiring-dict "dicomweb-client[gcp]==0.59.3" pydicom==2.4.4 \
   SimpleITK jsonschema itk-io pynrrd girder-client scikit-image shapely nibabel pytorch-ignite
-# This project's dependencies (pyproject.toml; it installs no package of its own).
-$PIP $C "$REPO"
+# This project's dependencies (pyproject.toml; it installs no package of its own), with the
+# export extra: ONNX Runtime, inference's CPU engine (the app's encoder_engine).
+$PIP $C "$REPO[export]"
 
 "$PY" -c "import monailabel, monai, mlflow; print('monailabel', monailabel.__version__, 'monai', monai.__version__)"
 (cd "$REPO/bundle" && "$PY" -W ignore -c "import scripts.model.network")

@@ -5,6 +5,10 @@ The frozen SAM is chosen as `make demo` chooses it: ``SAM_CHECKPOINT`` (with ``S
 default vit_b), else ``bundle/models/sam_vit_b_01ec64.pth``, else the `tiny` generalist. It must
 be the backbone that ``bundle/models/model.pt`` was trained on.
 
+Inference's CPU fast paths (``--encoder-engine onnxruntime``, ``--encoder-int8 true``, or
+``ENCODER_ENGINE`` / ``ENCODER_INT8``, so `make label ENCODER_ENGINE=onnxruntime`): the image
+encoder exported once to ONNX and run there (``docs/benchmarks.md``); refused on a CUDA machine.
+
 Browsers: only the server's own origin and OHIF's development server (port 3000), each as
 http://localhost and http://127.0.0.1, may call the server from a web page (3D Slicer is no
 browser and needs none). ``--cors-origins`` (or ``CORS_ORIGINS``, so `make label CORS_ORIGINS=...`)
@@ -93,6 +97,16 @@ def main() -> None:
         default=os.environ.get("CORS_ORIGINS", ""),
         help="comma-separated origins a web page may call the server from, besides the local ones; '*' for any",
     )
+    parser.add_argument(
+        "--encoder-engine",
+        default=os.environ.get("ENCODER_ENGINE", ""),
+        help="inference's image-encoder engine on a CPU: torch (default), onnxruntime or openvino",
+    )
+    parser.add_argument(
+        "--encoder-int8",
+        default=os.environ.get("ENCODER_INT8", ""),
+        help="true: the encoder's linear layers in int8 (inference on a CPU; masks agree at Dice >= 0.98)",
+    )
     args = parser.parse_args()
 
     studies = Path(args.studies).resolve()
@@ -113,6 +127,9 @@ def main() -> None:
         "--conf", "sam_variant", variant, "--conf", "sam_checkpoint", checkpoint,
         "--host", args.host, "--port", str(args.port),
     ]  # fmt: skip
+    for key, value in (("encoder_engine", args.encoder_engine), ("encoder_int8", args.encoder_int8)):
+        if value:
+            command += ["--conf", key, value]
     print("$ " + shlex.join(command), flush=True)
     os.execv(sys.executable, command)
 

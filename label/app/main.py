@@ -7,6 +7,10 @@ Configuration (``--conf KEY VALUE`` on ``monailabel start_server``; `make label`
 - ``model_name``: the model's name in MONAI Label (default ``ptsam``);
 - ``sam_variant``, ``sam_checkpoint``: the frozen SAM, passed to the bundle's configs (default:
   the configs' own values). They must be the backbone ``models/model.pt`` was trained on.
+- ``encoder_engine`` (``torch`` | ``onnxruntime`` | ``openvino``), ``encoder_int8``: inference's
+  CPU fast paths for the image encoder (``docs/benchmarks.md``: a CT volume in about a quarter of
+  the stock encoder's time). Checked at start-up: an unknown engine, a package this environment
+  lacks, or a CUDA device stops the server with the reason. Training keeps PyTorch.
 
 What this adds to MONAI Label's bundle tasks, and why:
 
@@ -85,11 +89,26 @@ logger = logging.getLogger(__name__)
 
 REPO_BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 BACKBONE_KEYS = ("sam_variant", "sam_checkpoint")
+ENGINE_KEYS = ("encoder_engine", "encoder_int8")  # inference only: training refuses them
 
 
 def bundle_overrides(conf: dict[str, str]) -> dict[str, Any]:
     """The bundle settings this app's configuration sets (the frozen SAM)."""
     return {key: conf[key] for key in BACKBONE_KEYS if conf.get(key)}
+
+
+def engine_overrides(bundle: str, conf: dict[str, str]) -> dict[str, Any]:
+    """Inference's encoder engine from the configuration, refused now if it cannot run here."""
+    chosen = {key: conf[key] for key in ENGINE_KEYS if conf.get(key)}
+    if chosen:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # what inference.yaml's device picks
+        with _BundleImports(bundle):
+            from scripts.model.runtime import require_engine
+
+            require_engine(chosen.get("encoder_engine", "torch"), chosen.get("encoder_int8", False), device)
+    return chosen
 
 
 class _BundleImports:
@@ -255,6 +274,7 @@ class PTSAMApp(MONAILabelApp):
         self.overrides = bundle_overrides(conf)
         if not (Path(self.bundle) / "configs" / "inference.yaml").is_file():
             raise ValueError(f"{self.bundle}: not a PTSAM bundle (no configs/inference.yaml)")
+        self.infer_overrides = {**self.overrides, **engine_overrides(self.bundle, conf)}
         if not (Path(self.bundle) / "models" / "model.pt").is_file():
             logger.warning(
                 "%s has no models/model.pt yet: label a few images and train (POST /train/%s); "
@@ -289,7 +309,7 @@ class PTSAMApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        task = PTSAMInferTask(self.bundle, self.conf, self.overrides)
+        task = PTSAMInferTask(self.bundle, self.conf, self.infer_overrides)
         return {self.model_name: task} if task.is_valid() else {}
 
     def init_trainers(self) -> dict[str, TrainTask]:

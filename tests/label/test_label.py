@@ -391,6 +391,52 @@ def test_only_the_datastore_is_served(trained, tmp_path):
         assert tifffile.imread(tmp_path / f"{name}.tif").shape == tiff.shape
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_cpu_engine_serves_pytorchs_labels(trained, label_env, generalist, tmp_path):
+    """`make label ENCODER_ENGINE=onnxruntime`: a second server on the same trained bundle answers
+    with the labels the first (PyTorch) one sends, for an image and a volume."""
+    base, bundle, studies, *_ = trained
+    images = {"cells_000": ".tif", "ct_000": ".nii.gz"}
+    reference = {name: _infer_file(base, name, tmp_path, f"_torch{suffix}") for name, suffix in images.items()}
+    cache = tmp_path / "cache"  # where the encoder's export goes: its presence shows the engine ran
+    env = {"ENCODER_ENGINE": "onnxruntime", "PTSAM_CACHE_DIR": str(cache)}
+    env["MONAI_LABEL_SESSION_PATH"] = str(tmp_path / "sessions")
+    ort, log, proc = _start_server(label_env, generalist, bundle, studies, tmp_path / "ort.log", env)
+    try:
+        answers = {name: _infer_file(ort, name, tmp_path, f"_ort{suffix}") for name, suffix in images.items()}
+    finally:
+        _stop(proc)
+    assert "--conf encoder_engine onnxruntime" in _text(log)
+    assert list(cache.glob("encoders/*/*.onnx")), f"no ONNX export in {cache}: {_text(log)[-2000:]}"
+    read = {".tif": tifffile.imread, ".nii.gz": lambda path: np.asarray(nib.load(path).dataobj)}
+    for name, suffix in images.items():
+        ours, theirs = read[suffix](answers[name]), read[suffix](reference[name])
+        assert ours.shape == theirs.shape and _dice(ours, theirs) >= 0.999, name
+
+
+def test_an_engine_that_cannot_run_here_stops_the_server_at_start(label_env, generalist, tmp_path):
+    """OpenVINO is not in MONAI Label's environment: the server says so and exits, before serving."""
+    bundle = _bundle_copy(tmp_path / "ptsam")
+    (tmp_path / "studies").mkdir()
+    command = [str(label_env), str(REPO / "label" / "start.py"), "--studies", str(tmp_path / "studies")]
+    command += ["--port", str(_free_port()), "--bundle", str(bundle), "--encoder-engine", "openvino"]
+    env = {**os.environ, "SAM_CHECKPOINT": str(generalist), "SAM_VARIANT": "tiny", "PYTHONPATH": ""}
+    env["MONAI_LABEL_SESSION_PATH"] = str(tmp_path / "sessions")
+    done = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=180, env=env
+    )
+    assert done.returncode != 0
+    assert "encoder_engine 'openvino' needs the 'openvino' package" in done.stdout + done.stderr
+
+
 def _cors(base: str, origin: str, method: str = "GET", path: str = "/info/", request_method: str = "") -> tuple:
     """(status, lower-cased headers) of a request from a web page at ``origin`` (a preflight where
     ``request_method`` is given)."""
