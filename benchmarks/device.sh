@@ -10,5 +10,8 @@ mkdir -p "$out"
 ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run 'make device-wheels' first and carry .whl" >&2; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# The second round's sections by default: the first round's (encoder, cached, workflows) are in
+# docs/benchmarks.md already; BENCH_SECTIONS=... asks for others.
+export BENCH_SECTIONS=${BENCH_SECTIONS:-volume,training,study}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/card.txt"
 BENCH_OUT="$out/bench-gpu.json" timeout "${BENCH_TIMEOUT:-540}" python3 benchmarks/gpu.py 2>&1 | tee "$out/bench-gpu.log"

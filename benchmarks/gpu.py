@@ -1,7 +1,8 @@
 """`make bench-gpu`: full-size SAM backbones on a CUDA card, each comparison side by side in one run.
 
-Sections (BENCH_SECTIONS, comma-separated, in this order by default), for ViT-B, ViT-L and ViT-H at
-1024 px with random weights in the official architecture:
+Sections (BENCH_SECTIONS, comma-separated), for ViT-B, ViT-L and ViT-H at 1024 px with random
+weights in the official architecture, a variant's sections one after the other, and the study
+right after its own backbone's (so that a run cut short has the ViT-B figures first):
 - volume: a volume's slices through PTSAM under AMP at several batch sizes vs segment-anything's
   own modules run slice by slice in fp32 (slices per second, the best batch's speed-up, agreement),
   and for ViT-B (BENCH_E2E_VARIANTS) a CT NIfTI end to end (read, window, resize, network,
@@ -492,6 +493,13 @@ def main() -> None:
         _print(title, results)
         out.write_text(json.dumps(report, indent=2))  # after each section: a cut-short run keeps it
 
+    def study() -> None:
+        if "study" in SECTIONS:
+            start = time.perf_counter()
+            title = f"study: {STUDY_VARIANT}, shots {STUDY_SHOTS}, {STUDY_EPOCHS} epochs a cell"
+            record(f"study_{STUDY_VARIANT}", title, bench_study(STUDY_VARIANT))
+            print(f"[study: {time.perf_counter() - start:.0f} s]", flush=True)
+
     per_variant = [s for s in SECTIONS if s in ("volume", "training", "encoder", "cached")]
     for variant in VARIANTS if per_variant else []:
         start = time.perf_counter()
@@ -518,8 +526,10 @@ def main() -> None:
         del net
         if CUDA:
             torch.cuda.empty_cache()
-    if "study" in SECTIONS:
-        record(f"study_{STUDY_VARIANT}", f"study: {STUDY_VARIANT}, shots {STUDY_SHOTS}", bench_study(STUDY_VARIANT))
+        if variant == STUDY_VARIANT:  # the study's backbone is done: its cells next, before larger ones
+            study()
+    if STUDY_VARIANT not in VARIANTS or not per_variant:
+        study()
     if "workflows" in SECTIONS:
         record("workflows_vit_b", "workflows: ViT-B MD+IE, batch 4", bench_workflows())
     print(f"\nwritten to {out}")
