@@ -283,7 +283,8 @@ def bench_training(net: PTSAM) -> dict[str, float]:
             if batch == 1:
                 setups.append((f"md_ie_nockpt_{precision}", net, amp, images, False))
         for name, model, amp, x, embedded in setups:
-            model.activation_checkpointing = "nockpt" not in name
+            if model is net:  # MD+IE: checkpointing on (the default) unless the name says not
+                net.activation_checkpointing = "nockpt" not in name
             optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
             reset_peak()
 
