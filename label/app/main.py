@@ -18,10 +18,11 @@ What this adds to MONAI Label's bundle tasks, and why:
   order and geometry); MONAI Label's writer assumes MONAI's x-first 2D arrays and transposes
   our 2D results;
 - only the datastore's images are served: an image is named by its id (a DICOM series is a
-  sub-folder of the studies folder, its id the folder's name, as a DICOMweb datastore hands the
-  app a series folder), or is what this server itself received (an upload, a session). Any other
-  name or path is answered 404, the same whether or not a file exists there (MONAI Label reads
-  any path on the machine);
+  sub-folder of the studies folder, its id the folder's name, handed out as a NIfTI file of it
+  as MONAI Label's DICOMweb datastore does, so that 3D Slicer can load it), or is what this
+  server itself received (an upload, a session). Any other name or path is answered 404, the
+  same whether or not a file exists there (MONAI Label reads any path on the machine);
+- Next Sample's answer names the image's file, as 3D Slicer names a download by it;
 - bad input is answered with an HTTP error that names the image and the problem (404 unknown
   image or model, 415 unsupported file, 422 unreadable), where MONAI Label answers a bare 500;
 - training never resumes an older run's state: every ``/train`` is a new MLflow-tracked run
@@ -170,15 +171,61 @@ def _is_plain_name(name: str) -> bool:
 
 class StudiesDatastore(LocalDatastore):
     """MONAI Label's local datastore, where a sub-folder of the studies folder that holds DICOM
-    files is an image too, its id the folder's name: the app gets the series folder, as from a
-    DICOMweb datastore (MONAI Label's own indexes files only)."""
+    files is an image too, its id the folder's name (MONAI Label's own indexes files only).
+
+    Such a series is handed out (``get_image_uri``: inference, ``/datastore/image``, Next
+    Sample's ``path``) as a NIfTI file of it, as MONAI Label's DICOMweb datastore hands out its
+    series: 3D Slicer loads that path, or the download, as a volume file, and cannot load a
+    folder. Training's datalist keeps the folder (the bundle reads the series itself)."""
 
     def __init__(self, bundle: str, *args: Any, **kwargs: Any):
         with _BundleImports(bundle):
             from scripts.data.io.formats import looks_like_dicom  # the bundle's test: .dcm, or DICM
+            from scripts.data.io.readers import read_image
 
-        self._looks_like_dicom = looks_like_dicom
+        self._looks_like_dicom, self._read_image = looks_like_dicom, read_image
+        self._series_dir = Path(tempfile.mkdtemp(prefix="ptsam-series-"))
+        atexit.register(shutil.rmtree, self._series_dir, True)
+        self._series_lock = threading.Lock()
         super().__init__(*args, **kwargs)
+
+    def get_image_uri(self, image_id: str) -> str:
+        uri = super().get_image_uri(image_id)
+        if uri and os.path.isdir(uri):
+            return self._as_nifti(image_id, Path(uri)) or uri
+        return uri
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        info = super().get_image_info(image_id)
+        if info.get("path") and os.path.isdir(info["path"]):
+            info["path"] = self.get_image_uri(image_id)
+        return info
+
+    def _as_nifti(self, image_id: str, folder: Path) -> str | None:
+        """The series as ``<id>.nii.gz`` in the bundle's reading (RAS geometry, its voxel values),
+        converted once per content of the folder; None where the bundle refuses the folder (the
+        inference of it then says why)."""
+        import hashlib
+
+        import nibabel as nib
+        import numpy as np
+
+        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in folder.iterdir() if e.is_file())
+        key = hashlib.sha256(repr((str(folder), files)).encode()).hexdigest()[:16]
+        out = self._series_dir / key / f"{image_id}.nii.gz"
+        with self._series_lock:
+            if not out.is_file():
+                try:
+                    array, meta = self._read_image(folder)
+                except (ValueError, OSError) as err:
+                    logger.warning("%s: handed out as the folder, not as NIfTI: %s", folder, err)
+                    return None
+                data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)  # x, y, z (, c)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                part = out.with_name(f".part-{out.name}")  # nibabel compresses by the name's suffix
+                nib.save(nib.Nifti1Image(data, meta["affine"]), part)
+                os.replace(part, out)
+        return str(out)
 
     def _is_series(self, folder: Path) -> bool:
         if folder.name.startswith(".") or not folder.is_dir():
@@ -327,6 +374,14 @@ class PTSAMApp(MONAILabelApp):
     def info(self) -> dict:
         self._refresh_infers()
         return super().info()
+
+    def next_sample(self, request: dict) -> dict:
+        """Next Sample with the file's name: 3D Slicer names a download by it (else by the id,
+        which has no extension, and the volume reader then cannot tell the format)."""
+        sample = super().next_sample(request)
+        if sample.get("path"):
+            sample.setdefault("name", os.path.basename(sample["path"]))
+        return sample
 
     def _unknown_model(self, model: Any) -> HTTPException:
         if model == self.model_name:

@@ -391,6 +391,25 @@ def test_only_the_datastore_is_served(trained, tmp_path):
         assert tifffile.imread(tmp_path / f"{name}.tif").shape == tiff.shape
 
 
+def test_a_dicom_series_is_handed_out_as_a_volume_file(server, tmp_path):
+    """3D Slicer loads Next Sample's `path`, or downloads `/datastore/image`, as a volume file and
+    cannot load a folder: a series is handed out as a NIfTI file of it, in the series' geometry."""
+    base, _, studies, *_ = server
+    status, _, body = _request(f"{base}/datastore/image?image=ct_000_dicom")
+    assert status == 200, body[-2000:]
+    (tmp_path / "series.nii.gz").write_bytes(body)
+    series, volume = nib.load(tmp_path / "series.nii.gz"), nib.load(studies / "ct_000.nii.gz")
+    assert series.shape == volume.shape and np.allclose(series.affine, volume.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(series.dataobj), np.asarray(volume.dataobj))  # the HU written
+    info = json.loads(_request(f"{base}/datastore/image/info?image=ct_000_dicom")[2])
+    assert info["path"].endswith("/ct_000_dicom.nii.gz") and os.path.isfile(info["path"])
+    body = json.dumps({}).encode()
+    status, _, answer = _request(f"{base}/activelearning/random", "POST", body, {"Content-Type": "application/json"})
+    sample = json.loads(answer)
+    assert status == 200 and os.path.isfile(sample["path"]), sample
+    assert sample["name"] == os.path.basename(sample["path"])  # what Slicer names its download
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
