@@ -29,13 +29,21 @@ $(VENV)/.installed: pyproject.toml $(VENV)/$(TORCH_STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# The suite on TEST_WORKERS processes (pytest-xdist), a test file to a worker at a time so that a
+# file's fixtures (the MONAI Label server) start once, with one torch thread each: most tests
+# run one process that keeps one core busy, so two workers halve the time on two cores. The
+# generalist the tests share is pretrained first, on every core.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup label-setup
 	$(PY) -m ruff check bundle tests benchmarks label fl
 	$(PY) -m ruff format --check bundle tests benchmarks label fl
-	$(PY) -m pytest -q
+	cd bundle && ../$(PY) -m scripts.demo.generalist > /dev/null
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check bundle tests benchmarks label fl

@@ -31,7 +31,15 @@ def synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def generalist() -> Path:
-    """The pretrained `tiny` generalist (built once, about 2.5 minutes on 2 cores, then cached)."""
-    from scripts.demo.generalist import ensure_generalist
+    """The pretrained `tiny` generalist (built once, 2.5-5 minutes on 2 cores, then cached; `make
+    test` builds it before the tests). Parallel workers (`pytest -n`) take turns: one builds it,
+    the others wait for it rather than build it too."""
+    import fcntl
 
-    return ensure_generalist(seed=0)
+    from scripts.demo.generalist import ensure_generalist, generalist_path
+
+    path = generalist_path(seed=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".generalist.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ensure_generalist(seed=0)

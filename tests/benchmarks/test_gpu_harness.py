@@ -33,7 +33,14 @@ def test_gpu_bench_sections_run_on_a_cpu(tmp_path):
         "BENCH_OUT": str(tmp_path / "bench-gpu.json"),
     }
     done = subprocess.run(
-        [sys.executable, "benchmarks/gpu.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "benchmarks/gpu.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",  # progress bars
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "bench-gpu.json").read_text())
