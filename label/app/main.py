@@ -22,7 +22,8 @@ What this adds to MONAI Label's bundle tasks, and why:
   as MONAI Label's DICOMweb datastore does, so that 3D Slicer can load it), or is what this
   server itself received (an upload, a session). Any other name or path is answered 404, the
   same whether or not a file exists there (MONAI Label reads any path on the machine);
-- Next Sample's answer names the image's file, as 3D Slicer names a download by it;
+- a series' image info (which Next Sample's answer carries) names that file, as 3D Slicer
+  names a download by it;
 - bad input is answered with an HTTP error that names the image and the problem (404 unknown
   image or model, 415 unsupported file, 422 unreadable), where MONAI Label answers a bare 500;
 - training never resumes an older run's state: every ``/train`` is a new MLflow-tracked run
@@ -198,7 +199,10 @@ class StudiesDatastore(LocalDatastore):
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         info = super().get_image_info(image_id)
         if info.get("path") and os.path.isdir(info["path"]):
+            # Next Sample's answer carries this info: 3D Slicer names a download by its `name`
+            # (the id has no extension, and the volume reader could not tell the format).
             info["path"] = self.get_image_uri(image_id)
+            info["name"] = os.path.basename(info["path"])
         return info
 
     def _as_nifti(self, image_id: str, folder: Path) -> str | None:
@@ -374,14 +378,6 @@ class PTSAMApp(MONAILabelApp):
     def info(self) -> dict:
         self._refresh_infers()
         return super().info()
-
-    def next_sample(self, request: dict) -> dict:
-        """Next Sample with the file's name: 3D Slicer names a download by it (else by the id,
-        which has no extension, and the volume reader then cannot tell the format)."""
-        sample = super().next_sample(request)
-        if sample.get("path"):
-            sample.setdefault("name", os.path.basename(sample["path"]))
-        return sample
 
     def _unknown_model(self, model: Any) -> HTTPException:
         if model == self.model_name:
