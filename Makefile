@@ -65,7 +65,7 @@ bench-gpu: setup
 
 # The packages a lent GPU machine lacks (it has torch, numpy, scipy, matplotlib, but no MONAI),
 # as wheels for its Python 3.12 in .whl/, at this environment's versions: benchmarks/device.sh
-# installs them there. See docs/benchmarks.md, "On a lent GPU".
+# installs them there. See docs/benchmarks.md, "GPU, second round".
 DEVICE_PACKAGES := monai pytorch-ignite nibabel pydicom segment-anything
 device-wheels: setup
 	rm -rf .whl

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks as one run on a lent device machine (docs/benchmarks.md, "On a lent GPU").
+# The GPU checks as one run on a lent device machine (docs/benchmarks.md, "GPU, second round").
 # Here, once: `make device-wheels` (the packages it lacks, into .whl/). There, with .whl carried:
 #   bash benchmarks/device.sh
 # Writes card.txt, bench-gpu.json (after each section) and bench-gpu.log to $OUT (build/ without it).

@@ -12,7 +12,7 @@ float32 engines agree with PyTorch within float rounding; int8 changes the embed
 per cent (measured in ``bundle/docs/benchmarks.md``). Exported files are kept under the PTSAM
 cache folder, keyed by the weights, the prompts, the encoder's code and the torch version, so
 a second run starts at once. The least recently used exports beyond ``PTSAM_ENCODER_CACHE_GB``
-(8 by default; ``inf``: never) are removed when a new one is written.
+(8 by default; ``inf``: never) are removed whenever an export is used.
 """
 
 from __future__ import annotations
