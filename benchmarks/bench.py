@@ -342,7 +342,8 @@ def main() -> None:
         "volume_cpu_ratio": "<= 0.3",
         "volume_cpu_ratio_int8": "<= 0.3",
         "ie_checkpoint_rss_ratio": "(report)",
-        **{f"encoder_rel_error_{name}": "<= 1e-5" for name, (_, int8) in FAST_PATHS.items() if not int8},
+        # exact paths differ by float rounding; int8 by its stated tolerance (docs/benchmarks.md)
+        **{f"encoder_rel_error_{name}": "<= 0.05" if int8 else "<= 1e-5" for name, (_, int8) in FAST_PATHS.items()},
     }
     cpu = report["machine"]
     print(f"\nPTSAM benchmark ({report['mode']}, {VARIANT} at {size} px) on {cpu['cpu']}, {cpu['cores']} cores")
