@@ -10,11 +10,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
+import SimpleITK as sitk
 import tifffile
 from PIL import Image
 
 from scripts.data.datasets import DatasetError, check_case, check_dataset, held_out, load_datalist
+from scripts.data.pairs import LabelGridError
+from scripts.data.transforms import LoadImageAnyd
 from scripts.demo.synthetic import ct_affine, ct_case, write_dicom_series
 
 
@@ -155,6 +159,86 @@ def test_shape_mismatch_and_missing_label(tmp_path):
         f"{image}: missing label ({tmp_path / 'nope.png'} does not exist)"
     )
     assert _problems({"image": image}) == f"{image}: missing label"
+
+
+def _lps_case(tmp_path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """A NIfTI stored LPS (affine diag(-1, -1, 2)) holding an object that no flip maps onto
+    itself; returns the image's path, its object mask and its affine."""
+    mask = np.zeros((32, 24, 8), np.uint8)
+    mask[3:12, 2:6, 1:3] = 1
+    mask[3:6, 6:18, 1:3] = 1
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    image = (mask * 500.0 + np.random.default_rng(3).normal(0, 5, mask.shape)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "img.nii.gz"))
+    return str(tmp_path / "img.nii.gz"), mask, affine
+
+
+def test_a_label_stored_in_another_orientation_is_put_on_the_images_grid(tmp_path):
+    image, mask, affine = _lps_case(tmp_path)
+    label = str(tmp_path / "lab.nii.gz")
+    nib.save(nib.as_closest_canonical(nib.Nifti1Image(mask, affine)), label)  # the same grid, stored RAS
+    assert nib.aff2axcodes(nib.load(label).affine) == ("R", "A", "S")
+    assert not np.array_equal(nib.load(label).get_fdata(), mask)  # voxel for voxel, it is not the image's
+    assert check_case({"image": image, "label": label}) == []
+    loaded = LoadImageAnyd(["image", "label"])({"image": image, "label": label})
+    assert np.array_equal(loaded["label"][0].numpy(), mask)  # the object's voxels, Dice 1
+    assert np.allclose(loaded["label"].affine.numpy(), affine)
+
+
+def test_a_label_on_another_grid_is_refused_naming_both(tmp_path):
+    image, mask, affine = _lps_case(tmp_path)
+    label = str(tmp_path / "lab.nii.gz")
+    shifted = affine.copy()
+    shifted[0, 3] = 3.0  # three voxels off along x, and stored RAS
+    nib.save(nib.as_closest_canonical(nib.Nifti1Image(mask, shifted)), label)
+    message = _problems({"image": image, "label": label})
+    assert message.startswith(f"{label}: not on the voxel grid of its image {image}")
+    assert "affine is RAS oriented, the image's LPS" in message and "up to 3 mm apart" in message
+    with pytest.raises(LabelGridError, match="not on the voxel grid"):
+        LoadImageAnyd(["image", "label"])({"image": image, "label": label})
+
+
+def _image_2d(path: Path, mask: np.ndarray) -> str:
+    """A 2D DICOM or NIfTI of ``mask`` (rows, columns) written by SimpleITK: x is the column, y the
+    row, as in every viewer."""
+    image = sitk.GetImageFromArray(mask.astype(np.int16) * 300 + 20)
+    image.SetSpacing((0.5, 0.7))
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def _l_shape(shape: tuple[int, int]) -> np.ndarray:
+    """An object that no transpose or flip maps onto itself: a bar along the top and one down its left."""
+    mask = np.zeros(shape, np.uint8)
+    mask[4:9, 10:30] = 1
+    mask[4:25, 10:15] = 1
+    return mask
+
+
+@pytest.mark.parametrize("image_name", ["img.dcm", "img.nii.gz"])
+@pytest.mark.parametrize("mask_name", ["mask.png", "mask.tif"])
+def test_a_png_or_tiff_mask_of_a_dicom_or_nifti_image_is_read_in_its_axes(tmp_path, image_name, mask_name):
+    rows_cols = _l_shape((40, 40))  # square: the shapes agree either way
+    image = _image_2d(tmp_path / image_name, rows_cols)
+    if image_name.endswith(".dcm"):  # the mask's rows are the DICOM's rows, as pydicom reads them
+        assert np.array_equal(pydicom.dcmread(image).pixel_array > 100, rows_cols)
+    mask = str(tmp_path / mask_name)
+    if mask_name.endswith(".png"):
+        Image.fromarray(rows_cols).save(mask)
+    else:
+        tifffile.imwrite(mask, rows_cols)
+    assert check_case({"image": image, "label": mask}) == []
+    loaded = LoadImageAnyd(["image", "label"])({"image": image, "label": mask})
+    assert np.array_equal(loaded["label"][0].numpy(), (loaded["image"][0].numpy() > 100).astype(np.float32))
+
+
+def test_a_transposed_mask_of_a_dicom_image_is_refused_with_a_hint(tmp_path):
+    rows_cols = _l_shape((40, 48))
+    image = _image_2d(tmp_path / "img.dcm", rows_cols)
+    mask = _png(tmp_path / "mask.png", np.ascontiguousarray(rows_cols.T))  # saved from the (x, y) array
+    message = _problems({"image": image, "label": mask})
+    assert message.startswith(f"{mask}: label shape (40, 48) differs from image shape (48, 40)")
+    assert "save it transposed" in message
 
 
 def test_label_values_outside_the_classes(tmp_path):

@@ -34,6 +34,7 @@ import numpy as np
 from .io import ImageReadError, UnsupportedFileError, list_images, probe_image, read_image
 from .io.formats import SERIES_SEP, split_series, stem_of
 from .labels import class_of_values, describe_bad_labels
+from .pairs import LabelGridError, label_on_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -190,12 +191,10 @@ def check_case(
             problems.append(f"{image_path}: missing label" + (f" ({label_path} does not exist)" if label_path else ""))
         return problems
     try:
-        label, _ = read_image(label_path)
-    except (ImageReadError, UnsupportedFileError) as err:
+        label, _ = label_on_image_grid(*read_image(label_path), meta)
+    except (ImageReadError, UnsupportedFileError, LabelGridError) as err:
         return [*problems, str(err)]
-    if label.shape[1:] != image.shape[1:]:
-        problems.append(f"{label_path}: label shape {label.shape[1:]} differs from image shape {image.shape[1:]}")
-    elif label.shape[0] > 1 and not (label == label[:1]).all():
+    if label.shape[0] > 1 and not (label == label[:1]).all():
         problems.append(f"{label_path}: label has {label.shape[0]} differing channels, not one label map")
     else:
         _, bad = class_of_values(np.unique(label).tolist(), classes, label_map)

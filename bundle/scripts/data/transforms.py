@@ -26,18 +26,28 @@ from ..model.sam import PIXEL_MEAN, PIXEL_STD
 from .io import read_image
 from .labels import LabelValueError, class_masks, class_of_values, describe_bad_labels
 from .meta import meta_int, meta_of, meta_pair
+from .pairs import label_on_image_grid
 
 _MAX_QUANTILE_SAMPLES = 1 << 22
 
 
 class LoadImageAnyd(MapTransform):
     """Read NIfTI, DICOM (file, folder, ``folder::SeriesInstanceUID``), TIFF, PNG or JPEG into a
-    float32 channel-first ``MetaTensor`` with the file's metadata (see ``scripts.data.io.readers``)."""
+    float32 channel-first ``MetaTensor`` with the file's metadata (see ``scripts.data.io.readers``).
+    Keys read together with ``image_key`` (labels) are put on its voxel grid, or refused
+    (``scripts.data.pairs``)."""
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        for key in self.key_iterator(d):
-            array, meta = read_image(d[key])
+        loaded = {key: read_image(d[key]) for key in self.key_iterator(d)}
+        for key, (array, meta) in loaded.items():
+            if key != self.image_key and self.image_key in loaded:
+                array, meta = label_on_image_grid(array, meta, loaded[self.image_key][1])
+            meta = dict(meta)  # the image's stays whole for the labels after it
             affine = torch.as_tensor(meta.pop("affine"))
             meta["axial_axis"] = -1 if meta["axial_axis"] is None else meta["axial_axis"]
             d[key] = MetaTensor(torch.from_numpy(array.astype(np.float32)), affine=affine, meta=meta)

@@ -6,6 +6,10 @@ from pathlib import Path
 
 SERIES_SEP = "::"  # "<folder>::<SeriesInstanceUID>" names one DICOM series of a folder
 
+# Readers give 2D NIfTI and DICOM arrays as (x, y), columns first, as their voxel grids are
+# indexed, and these formats carry a real affine; PNG, JPEG and TIFF arrays are (rows, columns).
+COLUMNS_FIRST = frozenset({"nifti", "dicom"})
+
 _SUFFIXES = {
     ".nii": "nifti",
     ".nii.gz": "nifti",
