@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pydicom
 import pytest
+import SimpleITK as sitk
 
 from scripts.data.io.geojson import label_features, rasterise
-from scripts.data.postprocess import instance_labels
+from scripts.data.postprocess import WriteGeoJSONd, instance_labels
+from scripts.data.transforms import LoadImageAnyd
 
 
 def _scene() -> np.ndarray:
@@ -55,3 +61,23 @@ def test_coordinates_are_pixel_corners():
 def test_a_volume_is_refused():
     with pytest.raises(ValueError, match="polygons are drawn on 2D images"):
         label_features(np.ones((2, 4, 4), np.int64), np.ones((2, 4, 4), np.int64), ["cell"], "vol.nii.gz")
+
+
+@pytest.mark.parametrize("name", ["xray.dcm", "slide.nii.gz"])
+def test_polygons_of_a_dicom_or_nifti_image_are_in_its_pixel_coordinates(tmp_path, name):
+    """DICOM and NIfTI arrays are read (x, y); the polygons must still have x along the columns
+    of the image as a viewer shows it (DICOM's rows and columns)."""
+    rows_cols = np.zeros((40, 56), np.int16)  # an L: a bar along rows 4..8, one down columns 30..34
+    rows_cols[4:9, 30:50] = 1
+    rows_cols[4:30, 30:35] = 1
+    image = sitk.GetImageFromArray(rows_cols * 300)  # SimpleITK: x is the column
+    sitk.WriteImage(image, str(tmp_path / name))
+    if name.endswith(".dcm"):
+        assert np.array_equal(pydicom.dcmread(tmp_path / name).pixel_array, rows_cols * 300)
+    d = LoadImageAnyd("image")({"image": str(tmp_path / name)})
+    d["pred"] = (d["image"] > 100).float()  # (1, x, y), as the network's label comes back
+    out = WriteGeoJSONd("pred", output_dir=str(tmp_path / "out"), class_names=["bone"])(d)
+    collection = json.loads(Path(out["pred_geojson_path"]).read_text())
+    ring = np.asarray(collection["features"][0]["geometry"]["coordinates"][0])
+    assert (ring[:, 0].min(), ring[:, 0].max(), ring[:, 1].min(), ring[:, 1].max()) == (30, 50, 4, 30)
+    assert np.array_equal(rasterise(collection, rows_cols.shape), rows_cols)

@@ -15,6 +15,7 @@ from scipy import ndimage
 from ..common.flags import flag
 from .io import write_label
 from .io.dicom_seg import write_dicom_seg
+from .io.formats import COLUMNS_FIRST
 from .io.geojson import label_features, write_geojson
 from .io.writers import output_path
 from .meta import meta_int, meta_of
@@ -178,7 +179,8 @@ class _WriteBeside(MapTransform):
 
 class WriteGeoJSONd(_WriteBeside):
     """Beside the label, ``<name>_seg.geojson``: each object of a 2D class label map as a polygon
-    classified by its class name, for QuPath (``scripts.data.io.geojson``); the path goes to
+    classified by its class name, for QuPath (``scripts.data.io.geojson``), in the image's pixel
+    coordinates (x the column, y the row, for DICOM and NIfTI too); the path goes to
     ``<key>_geojson_path``. Objects are connected components, split where touching if asked (as
     ``InstanceLabelsd``). A volume is refused, naming the file: polygons are for 2D images."""
 
@@ -189,6 +191,8 @@ class WriteGeoJSONd(_WriteBeside):
         self.split_touching = flag(split_touching)
 
     def write(self, classes: np.ndarray, meta: Mapping, path: Path) -> Path:
+        if meta["format"] in COLUMNS_FIRST and classes.ndim == 2:  # (x, y) -> rows, columns
+            classes = classes.T
         objects = instance_labels(classes, self.split_touching)
         return write_geojson(label_features(classes, objects, self.class_names, str(meta["filename_or_obj"])), path)
 

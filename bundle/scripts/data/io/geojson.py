@@ -75,7 +75,8 @@ def label_features(
     classes: np.ndarray, objects: np.ndarray, class_names: Sequence[str], source: str = ""
 ) -> dict[str, Any]:
     """A FeatureCollection of the objects in ``objects`` (2D instance ids, 0 background), each
-    classified by its value in ``classes`` (2D class label map: 1..C, named by ``class_names``)."""
+    classified by its value in ``classes`` (2D class label map: 1..C, named by ``class_names``).
+    Both are indexed (row, column): transpose the (x, y) arrays of NIfTI and DICOM first."""
     if classes.ndim != 2 or objects.shape != classes.shape:
         raise ValueError(
             f"{source or 'the label'}: polygons are drawn on 2D images; this label has shape {classes.shape}"
