@@ -392,6 +392,59 @@ def test_write_tiff_and_png(tmp_path):
     assert back_meta["format"] == "png" and np.array_equal(back[0], label2)
 
 
+def test_nifti_label_header_shows_the_label_not_the_sources_window(tmp_path):
+    image = nib.Nifti1Image(np.zeros((20, 16, 5), np.int16), np.eye(4))
+    image.header["cal_min"], image.header["cal_max"] = -1024, 3000  # a CT's display window
+    image.header.set_slope_inter(2.0, -1024.0)
+    nib.save(image, str(tmp_path / "ct.nii.gz"))
+    _, meta = read_image(tmp_path / "ct.nii.gz")
+    label = np.zeros((20, 16, 5), np.int64)
+    label[5:10, 4:8, 1:3] = 2
+    written = nib.load(str(write_label(label, meta, tmp_path / "out")))
+    header = written.header
+    assert (header["cal_min"], header["cal_max"]) == (0, 2)
+    assert (written.dataobj.slope, written.dataobj.inter) == (1.0, 0.0)
+    assert header.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(written.dataobj), label)
+
+
+def test_tiff_label_keeps_the_sources_pixel_size(tmp_path):
+    stack = np.zeros((5, 30, 40), np.uint16)
+    micron = (1000000, 325000)  # 1 / 0.325 um: pixels per unit, as a rational
+    ij = tmp_path / "ij.tif"
+    tifffile.imwrite(
+        ij, stack, imagej=True, resolution=(micron, micron), metadata={"axes": "ZYX", "spacing": 2.0, "unit": "um"}
+    )
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, stack[0], resolution=((300, 1), (300, 1)), resolutionunit=2)  # 300 dpi
+    for source, per_unit in ((ij, 1 / 0.325), (plain, 300.0)):
+        _, meta = read_image(source)
+        label = np.zeros(meta["spatial_shape"], np.int64)
+        label[..., 3:9, 4:12] = 1
+        with tifffile.TiffFile(write_label(label, meta, tmp_path / "out")) as tif:
+            page = tif.pages[0]
+            for tag in ("XResolution", "YResolution"):
+                numerator, denominator = page.tags[tag].value
+                assert numerator / denominator == pytest.approx(per_unit)
+            if source == ij:
+                assert tif.imagej_metadata["spacing"] == 2.0 and tif.imagej_metadata["unit"] == "um"
+                assert tif.series[0].shape == (5, 30, 40) and np.array_equal(tif.asarray(), label)
+            else:
+                assert page.tags["ResolutionUnit"].value == 2 and np.array_equal(tif.asarray(), label)
+
+
+def test_png_refuses_more_objects_than_16_bits_hold(tmp_path):
+    Image.fromarray(np.zeros((256, 257), np.uint8)).save(tmp_path / "field.png")
+    _, meta = read_image(tmp_path / "field.png")
+    label = np.arange(256 * 257).reshape(256, 257) % 65536  # objects 0..65,535: the most a PNG holds
+    back, _ = _roundtrip(label, meta, tmp_path / "out")
+    assert np.array_equal(back[0], label)
+    label[0, 0] = 65536  # one more: it would wrap round to background
+    (tmp_path / "out" / "field_seg.png").unlink()
+    with pytest.raises(ValueError, match=r"field.png: the label numbers 65,536 objects, more than a 16-bit PNG"):
+        write_label(label, meta, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_write_refuses_a_label_of_another_shape(tmp_path):
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "a.png")
     _, meta = read_image(tmp_path / "a.png")

@@ -1,7 +1,8 @@
 """Write a label map back in the input's own format and geometry, atomically.
 
-NIfTI -> NIfTI (the input's affine and header), DICOM -> NIfTI in the series' geometry,
-TIFF -> TIFF (uint8, or uint16 when a label exceeds 255), PNG/JPEG -> PNG. The output name is
+NIfTI -> NIfTI (the input's affine and header, its display range the label's), DICOM -> NIfTI
+in the series' geometry, TIFF -> TIFF with the input's pixel size (uint8, or uint16 when a label
+exceeds 255), PNG/JPEG -> PNG (up to 65,535 objects). The output name is
 the input's name with ``_seg`` (``case.nii.gz`` -> ``case_seg.nii.gz``). Every file is
 written to a temporary name beside its target and renamed, so an interrupted run never
 leaves a half-written file.
@@ -44,14 +45,42 @@ def _write_nifti(label: np.ndarray, meta: Mapping[str, Any], path: Path) -> None
     image = nib.Nifti1Image(label, np.asarray(meta["affine"], dtype=np.float64), header=header)
     image.set_data_dtype(label.dtype)
     image.header.set_slope_inter(1, 0)
+    # The source's display window (a CT's -1024..3000) would show a 0/1 label black.
+    image.header["cal_min"], image.header["cal_max"] = 0, int(label.max()) if label.size else 0
     nib.save(image, str(path))
+
+
+def _tiff_calibration(source: str) -> tuple[dict, dict | None]:
+    """The source TIFF's pixel size: its resolution tags as ``tifffile.imwrite`` keywords, and
+    ImageJ's ``spacing`` and ``unit`` (None where the source is no ImageJ file)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(source) as tif:
+            tags, imagej = tif.pages[0].tags, tif.imagej_metadata
+            x, y = (tags[k].value if k in tags else None for k in ("XResolution", "YResolution"))
+            unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else None
+    except Exception:  # the source went away: the label without its pixel size
+        return {}, None
+    resolution = {}
+    if x and y and all(x) and all(y):  # rationals (numerator, denominator), neither 0
+        resolution = {"resolution": (tuple(x), tuple(y))}
+        if unit is not None:
+            resolution["resolutionunit"] = int(unit)
+    calibration = None if imagej is None else {k: imagej[k] for k in ("spacing", "unit") if k in imagej}
+    return resolution, calibration
 
 
 def _write_tiff(label: np.ndarray, meta: Mapping[str, Any], path: Path) -> None:
     import tifffile
 
     axes = "ZYX" if label.ndim == 3 else "YX"
-    tifffile.imwrite(path, label, metadata={"axes": axes}, compression="zlib")
+    resolution, imagej = _tiff_calibration(str(meta["filename_or_obj"]))
+    if imagej is not None and label.dtype != np.int32:  # ImageJ files hold 8 and 16 bits, not 32
+        metadata = {"axes": axes, **imagej}
+        tifffile.imwrite(path, label, imagej=True, metadata=metadata, compression="zlib", **resolution)
+    else:
+        tifffile.imwrite(path, label, metadata={"axes": axes}, compression="zlib", **resolution)
 
 
 def _write_png(label: np.ndarray, meta: Mapping[str, Any], path: Path) -> None:
@@ -61,6 +90,18 @@ def _write_png(label: np.ndarray, meta: Mapping[str, Any], path: Path) -> None:
         Image.fromarray(label, mode="L").save(path, format="PNG")
     else:
         Image.fromarray(label.astype(np.uint16)).save(path, format="PNG")
+
+
+def _check_png(label: np.ndarray, meta: Mapping[str, Any]) -> None:
+    source = meta["filename_or_obj"]
+    if label.ndim != 2:
+        raise ValueError(f"{source}: a {meta['format'].upper()} label must be 2D, got {label.shape}")
+    top = int(label.max()) if label.size else 0
+    if top > np.iinfo(np.uint16).max:  # a 16-bit PNG would wrap object 65,536 round to background
+        raise ValueError(
+            f"{source}: the label numbers {top:,} objects, more than a 16-bit PNG holds (65,535); "
+            "give the image as TIFF or NIfTI, or write class labels (instance_labels: false)"
+        )
 
 
 def write_label(
@@ -73,10 +114,10 @@ def write_label(
         raise ValueError(
             f"{meta['filename_or_obj']}: label shape {label.shape} differs from the image's {meta['spatial_shape']}"
         )
-    label = label.astype(label_dtype(label))
     fmt = meta["format"]
+    if fmt in ("png", "jpeg"):
+        _check_png(label, meta)
+    label = label.astype(label_dtype(label))
     writer = {"nifti": _write_nifti, "dicom": _write_nifti, "tiff": _write_tiff}.get(fmt, _write_png)
-    if fmt in ("png", "jpeg") and label.ndim != 2:
-        raise ValueError(f"{meta['filename_or_obj']}: a {fmt.upper()} label must be 2D, got {label.shape}")
     path = path or output_path(meta, output_dir, postfix)
     return atomic_write(path, lambda tmp: writer(label, meta, tmp))
