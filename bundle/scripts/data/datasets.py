@@ -190,7 +190,7 @@ def check_case(
             problems.append(f"{image_path}: missing label" + (f" ({label_path} does not exist)" if label_path else ""))
         return problems
     try:
-        label, _ = read_image(label_path)
+        label, _ = read_image(label_path, as_label=True)
     except (ImageReadError, UnsupportedFileError) as err:
         return [*problems, str(err)]
     if label.shape[1:] != image.shape[1:]:

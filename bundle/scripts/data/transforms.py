@@ -32,12 +32,17 @@ _MAX_QUANTILE_SAMPLES = 1 << 22
 
 class LoadImageAnyd(MapTransform):
     """Read NIfTI, DICOM (file, folder, ``folder::SeriesInstanceUID``), TIFF, PNG or JPEG into a
-    float32 channel-first ``MetaTensor`` with the file's metadata (see ``scripts.data.io.readers``)."""
+    float32 channel-first ``MetaTensor`` with the file's metadata (see ``scripts.data.io.readers``).
+    The keys in ``label_keys`` hold label maps: their stored values are kept (a palette PNG's indices)."""
+
+    def __init__(self, keys: KeysCollection, label_keys: KeysCollection = ("label",), allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.label_keys = {label_keys} if isinstance(label_keys, str) else set(label_keys)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            array, meta = read_image(d[key])
+            array, meta = read_image(d[key], as_label=key in self.label_keys)
             affine = torch.as_tensor(meta.pop("affine"))
             meta["axial_axis"] = -1 if meta["axial_axis"] is None else meta["axial_axis"]
             d[key] = MetaTensor(torch.from_numpy(array.astype(np.float32)), affine=affine, meta=meta)
