@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -201,3 +202,36 @@ def test_exif_orientation_of_a_jpeg(tmp_path):
     assert image.shape == (3, 40, 30) and meta["spatial_shape"] == (40, 30)
     assert np.array_equal(np.moveaxis(image, 0, -1), shown)
     assert probe_image(tmp_path / "photo.jpg")["spatial_shape"] == (40, 30)
+
+
+# NIfTI one voxel thick
+
+
+@pytest.mark.parametrize("thin", [0, 1, 2])
+def test_nifti_one_voxel_thick_along_any_axis_is_2d_and_written_back_as_stored(tmp_path, thin):
+    sizes = [48, 40, 36]
+    sizes[thin] = 1
+    affine = np.array([[0.0, -0.7, 0, 10], [0.9, 0, 0, -20], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    data = np.random.default_rng(6).integers(0, 1000, sizes).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "slice.nii.gz"))
+    plane = [a for a in range(3) if a != thin]
+    image, meta = read_image(tmp_path / "slice.nii.gz")
+    assert image.shape == (1, *(sizes[a] for a in plane)) and meta["axial_axis"] is None
+    assert np.array_equal(image[0], data.reshape(image.shape[1:]))  # in-plane axes in the file's order
+    assert probe_image(tmp_path / "slice.nii.gz")["spatial_shape"] == image.shape[1:]
+    # the affine's first two columns step along the array's two axes (pixel spacing for HD95)
+    assert np.allclose(np.linalg.norm(meta["affine"][:3, :2], axis=0), [np.linalg.norm(affine[:3, a]) for a in plane])
+    label = (image[0] > 500).astype(np.uint8)
+    path = write_label(label, meta, tmp_path / "out")
+    written = nib.load(str(path))
+    assert written.shape == tuple(sizes) and np.allclose(written.affine, affine)
+    assert np.array_equal(np.asanyarray(written.dataobj), label.reshape(sizes))
+
+
+def test_nifti_one_voxel_thick_with_channels_is_2d(tmp_path):
+    data = np.random.default_rng(7).normal(size=(20, 1, 30, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "mc.nii.gz"))
+    image, meta = read_image(tmp_path / "mc.nii.gz")
+    assert image.shape == (2, 20, 30) and meta["axial_axis"] is None
+    assert np.array_equal(image, np.moveaxis(data[:, 0], -1, 0))
+    assert probe_image(tmp_path / "mc.nii.gz") == {"format": "nifti", "spatial_shape": (20, 30), "channels": 2}

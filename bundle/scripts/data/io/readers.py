@@ -58,6 +58,13 @@ def axial_axis_of(affine: np.ndarray) -> int:
 # NIfTI
 
 
+def _nifti_plane(shape: tuple[int, ...]) -> list[int] | None:
+    """The two in-plane axes of a 3D grid one voxel thick along exactly one axis: a 2D image,
+    whichever axis is the thin one (``(X, Y, 1)``, ``(X, 1, Z)``, ``(1, Y, Z)``)."""
+    plane = [a for a, size in enumerate(shape[:3]) if size != 1]
+    return plane if len(shape) >= 3 and len(plane) == 2 else None
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
     import nibabel as nib
 
@@ -66,17 +73,20 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
         data = np.asanyarray(img.dataobj)  # applies the scaling; reads everything
     except Exception as err:  # truncated .nii.gz raises EOFError, OSError or zlib errors
         raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
-    if data.ndim == 2:
-        array, axial = data[None], None
-    elif data.ndim == 3 and data.shape[2] == 1:
-        array, axial = data[None, :, :, 0], None
-    elif data.ndim == 3:
-        array, axial = data[None], axial_axis_of(img.affine)
-    elif data.ndim == 4:  # a 4th axis is channels (MONAI's convention, e.g. multi-sequence MR)
-        array, axial = np.moveaxis(data, 3, 0), axial_axis_of(img.affine)
-    else:
+    if data.ndim not in (2, 3, 4):
         raise _fail(path, f"unsupported NIfTI dimensionality {data.shape}: 2D, 3D or 3D + channels expected")
-    return array, _meta(path, "nifti", array, img.affine, axial)
+    affine, plane = np.asarray(img.affine, dtype=np.float64), _nifti_plane(data.shape)
+    # A 4th axis is channels (MONAI's convention, e.g. multi-sequence MR).
+    array = np.moveaxis(data, 3, 0) if data.ndim == 4 else data[None]
+    axial = None
+    if plane is not None:
+        # The thin axis goes; the affine's columns follow the array's axes, the thin one last.
+        thin = ({0, 1, 2} - set(plane)).pop()
+        array = array.reshape(array.shape[0], *(data.shape[a] for a in plane))
+        affine[:, :3] = affine[:, [*plane, thin]]
+    elif data.ndim > 2:
+        axial = axial_axis_of(affine)
+    return array, _meta(path, "nifti", array, affine, axial, nifti_shape=tuple(int(s) for s in data.shape[:3]))
 
 
 def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
@@ -87,7 +97,8 @@ def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
     except Exception as err:
         raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
     channels = shape[3] if len(shape) == 4 else 1
-    return tuple(s for s in shape[:3] if s != 1) or shape[:2], channels
+    plane = _nifti_plane(shape)
+    return (tuple(shape[a] for a in plane) if plane else shape[:3]), channels
 
 
 # DICOM: pydicom reads the headers, groups the files of a folder by SeriesInstanceUID, keeps one
