@@ -3,17 +3,21 @@ orientation, alpha); labels keep their stored values; ambiguous or non-image fil
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import tifffile
 from PIL import Image, ImageOps
 
-from scripts.data.io import ImageReadError, probe_image, read_image, write_label
+from scripts.data.datasets import load_datalist
+from scripts.data.io import ImageReadError, list_images, probe_image, read_image, write_label
 from scripts.data.transforms import LoadImageAnyd
+from scripts.demo.synthetic import ct_case, write_dicom_series
 
 
 def _pydicom_file(name: str) -> Path:
@@ -235,3 +239,48 @@ def test_nifti_one_voxel_thick_with_channels_is_2d(tmp_path):
     assert image.shape == (2, 20, 30) and meta["axial_axis"] is None
     assert np.array_equal(image, np.moveaxis(data[:, 0], -1, 0))
     assert probe_image(tmp_path / "mc.nii.gz") == {"format": "nifti", "spatial_shape": (20, 30), "channels": 2}
+
+
+# DICOM objects that are no image
+
+
+def test_non_image_dicom_objects_are_left_out_of_a_folder(tmp_path, caplog):
+    volume, _ = ct_case(np.random.default_rng(8), shape=(24, 20, 6))
+    folder = tmp_path / "study"
+    write_dicom_series(volume, np.diag([0.8, 0.8, 5.0, 1.0]), folder, seed=0)
+    others = {
+        "seg.dcm": "liver_1frame.dcm",
+        "plan.dcm": "rtplan.dcm",
+        "dose.dcm": "rtdose.dcm",
+        "sr.dcm": "reportsi.dcm",
+    }
+    for name, source in others.items():
+        shutil.copy(_pydicom_file(source), folder / name)
+    images, ignored = list_images(tmp_path)
+    assert len(images) == 1 and read_image(images[0])[0].shape == (1, 24, 20, 6)
+    assert sorted(Path(i.split(": ")[0]).name for i in ignored) == sorted(others)
+    assert all("not an image to segment" in i for i in ignored)
+    with caplog.at_level("INFO"):
+        assert [e["image"] for e in load_datalist(folder, "inference")] == [images[0]]
+    assert "seg.dcm: not an image to segment: a DICOM SEG object" in caplog.text
+    array, _ = read_image(folder)  # the folder's one image series, not '5 series in this folder'
+    assert np.array_equal(array[0], volume)
+    for name, kind in (("seg.dcm", "SEG"), ("plan.dcm", "RTPLAN"), ("dose.dcm", "RTDOSE"), ("sr.dcm", "SR")):
+        for read in (read_image, probe_image):
+            with pytest.raises(ImageReadError, match=rf"{folder / name}: not an image to segment: a DICOM {kind}"):
+                read(folder / name)
+
+
+def test_per_slice_rescaling_is_not_cut_to_integers(tmp_path):
+    volume = np.full((20, 16, 4), 1001, np.int16)
+    write_dicom_series(volume, np.diag([0.8, 0.8, 5.0, 1.0]), tmp_path / "s", seed=1)
+    files = sorted((tmp_path / "s").iterdir())
+    slopes, intercepts = [1.0, 0.5, 0.25, 2.5], [0.0, 0.0, -0.5, 3.0]
+    for file, slope, intercept in zip(files, slopes, intercepts, strict=True):
+        ds = pydicom.dcmread(file)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.save_as(file)
+    array, _ = read_image(tmp_path / "s")
+    expected = [1001 * s + i for s, i in zip(slopes, intercepts, strict=True)]  # 1001, 500.5, 249.75, 2505.5
+    assert array.dtype.kind == "f" and np.allclose(array[0, 0, 0], expected)
+    assert all(np.all(array[0, ..., k] == v) for k, v in enumerate(expected))

@@ -107,6 +107,7 @@ def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
 
 _SLICE_TOL = 0.05  # how far a slice may lie off its place on the uniform grid, as a fraction of the step
 _HEADER_TAGS = [
+    "SOPClassUID",
     "Modality",
     "SeriesInstanceUID",
     "SOPInstanceUID",
@@ -117,7 +118,23 @@ _HEADER_TAGS = [
     "Rows",
     "Columns",
     "NumberOfFrames",
+    "RescaleSlope",
+    "RescaleIntercept",
 ]
+# Objects that are no image to segment, though a folder of images often holds them: segmentations,
+# structure sets, reports, key-object selections, presentation states, RT plans, doses and records,
+# registrations, waveforms and documents. By Modality, and by SOP class (the class and its sub-classes).
+_NON_IMAGE_MODALITIES = frozenset(
+    ["SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "KO", "PR", "REG", "FID", "DOC", "PLAN"]
+    + ["ECG", "HD", "AU"]  # waveforms
+)
+_NON_IMAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.9",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.11",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registrations, fiducials, segmentations (.66.4)
+    "1.2.840.10008.5.1.4.1.1.88",  # structured reports, key-object selection (.88.59)
+    "1.2.840.10008.5.1.4.1.1.104",  # encapsulated PDF, CDA
+)
 
 
 class _Slice(NamedTuple):
@@ -132,6 +149,7 @@ class _Slice(NamedTuple):
     orientation: tuple[float, ...] | None  # ImageOrientationPatient: row, then column direction
     modality: str
     nbytes: int
+    rescale: tuple[float, float]  # RescaleSlope, RescaleIntercept
 
 
 class _Series(NamedTuple):
@@ -145,11 +163,23 @@ def _floats(ds: Any, keyword: str, n: int) -> tuple[float, ...] | None:
     return tuple(float(v) for v in value) if value is not None and len(value) == n else None
 
 
+def _non_image(ds: Any) -> str | None:
+    """What a DICOM object is when it is no image to segment (a SEG, a report ...), else None."""
+    modality = str(ds.get("Modality", "")).strip().upper()
+    sop = str(ds.get("SOPClassUID", ""))
+    if modality in _NON_IMAGE_MODALITIES:
+        return f"a DICOM {modality} object"
+    if any(sop == uid or sop.startswith(uid + ".") for uid in _NON_IMAGE_SOP_CLASSES):
+        return f"a DICOM object of the non-image SOP class {sop}"
+    return None
+
+
 def _header(file: Path) -> _Slice:
     import pydicom
 
     try:
         ds = pydicom.dcmread(file, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
+        kind = _non_image(ds)
         slice_ = _Slice(
             file=file,
             series=str(ds.get("SeriesInstanceUID", "")),
@@ -165,9 +195,12 @@ def _header(file: Path) -> _Slice:
             orientation=_floats(ds, "ImageOrientationPatient", 6),
             modality=str(ds.get("Modality", "")).strip(),
             nbytes=file.stat().st_size,
+            rescale=(float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)),
         )
     except Exception as err:
         raise _fail(file, f"unreadable DICOM header ({_reason(err)})") from err
+    if kind:
+        raise _fail(file, f"not an image to segment: {kind}")
     if not all(slice_.size[:2]):  # pydicom stops quietly where a file ends
         raise _fail(file, "unreadable DICOM header (no Rows or Columns: truncated, or not an image)")
     return slice_
@@ -175,7 +208,8 @@ def _header(file: Path) -> _Slice:
 
 def _scan(folder: Path) -> tuple[dict[str, list[_Slice]], list[str]]:
     """The DICOM files directly in ``folder`` by SeriesInstanceUID, and a problem for each file whose
-    header does not read: such a file belongs to no series, so it spoils none."""
+    header does not read or that is no image (a SEG, a report ...): such a file belongs to no series,
+    so it spoils none."""
     try:
         files = sorted(f for f in folder.iterdir() if not f.name.startswith(".") and looks_like_dicom(f))
     except OSError as err:
@@ -323,7 +357,7 @@ def _pixels_read(file: str) -> bool:
     return True
 
 
-def _read_pixels(files: list[str], path: Any) -> Any:
+def _read_pixels(files: list[str], path: Any, as_float: bool = False) -> Any:
     import SimpleITK as sitk
 
     try:
@@ -331,6 +365,8 @@ def _read_pixels(files: list[str], path: Any) -> Any:
             return sitk.ReadImage(files[0])
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
+        if as_float:
+            reader.SetOutputPixelType(sitk.sitkFloat32)
         return reader.Execute()
     except RuntimeError as err:  # truncated or undecodable pixel data; SimpleITK does not say where
         bad = [Path(f) for f in files if not _pixels_read(f)] if len(files) > 1 else [Path(files[0])]
@@ -364,7 +400,10 @@ def _read_dicom(path: Any) -> tuple[np.ndarray, dict]:
         logger.warning("%s: read each instance once; left out duplicates %s", path, _names(series.duplicates))
     for problem in series.unreadable:
         logger.warning("%s: left out a file of its folder: %s", path, problem)
-    image = _read_pixels([str(s.file) for s in series.slices], path)
+    # SimpleITK stores the series in the type that the first file's rescaling needs: where the
+    # files rescale differently, a later slice's fractional values would be cut to integers.
+    as_float = len({s.rescale for s in series.slices}) > 1
+    image = _read_pixels([str(s.file) for s in series.slices], path, as_float)
     _check_geometry(image, series.slices, path)
     data = sitk.GetArrayFromImage(image)  # z, y, x (and components last)
     if image.GetDimension() == 2:
