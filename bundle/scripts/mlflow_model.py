@@ -73,7 +73,7 @@ class PTSAMModel(mlflow.pyfunc.PythonModel):
                 raise ValueError("; ".join(screening.failures))
             parser.get_parsed_content("evaluator").run()
             written = dict(screening.written)
-            return [np.asarray(read_image(written[p])[0][0]) for p in paths]
+            return [np.asarray(read_image(written[p], as_label=True)[0][0]) for p in paths]
 
 
 def _paths(model_input: Any) -> list[str]:

@@ -269,13 +269,14 @@ def test_an_unreadable_dicom_file_spoils_only_its_own_series(tmp_path):
 
 
 def test_multi_frame_dicom_probe_matches_the_read(tmp_path):
-    source = _pydicom_file("rtdose.dcm")  # 15 frames of 10 x 10
+    source = _pydicom_file("examples_ybr_color.dcm")  # ultrasound: 30 colour frames of 240 rows x 320 columns
     array, meta = read_image(source)
-    assert array.shape == (1, 10, 10, 15) and probe_image(source)["spatial_shape"] == (10, 10, 15)
-    (tmp_path / "dose").mkdir()
-    shutil.copy(source, tmp_path / "dose" / "1.2.777.777.77.7.7777.7777.1")  # a UID for a name, as PACS exports
+    assert array.shape == (3, 320, 240, 30)
+    assert probe_image(source) == {"format": "dicom", "spatial_shape": (320, 240, 30), "channels": 3}
+    (tmp_path / "us").mkdir()
+    shutil.copy(source, tmp_path / "us" / "1.2.777.777.77.7.7777.7777.1")  # a UID for a name, as PACS exports
     images, ignored = list_images(tmp_path)
-    assert len(images) == 1 and ignored == [] and read_image(images[0])[0].shape == (1, 10, 10, 15)
+    assert len(images) == 1 and ignored == [] and read_image(images[0])[0].shape == (3, 320, 240, 30)
 
 
 def test_png_and_jpeg_modes(tmp_path):

@@ -191,7 +191,7 @@ def check_case(
             problems.append(f"{image_path}: missing label" + (f" ({label_path} does not exist)" if label_path else ""))
         return problems
     try:
-        label, _ = label_on_image_grid(*read_image(label_path), meta)
+        label, _ = label_on_image_grid(*read_image(label_path, as_label=True), meta)
     except (ImageReadError, UnsupportedFileError, LabelGridError) as err:
         return [*problems, str(err)]
     if label.shape[0] > 1 and not (label == label[:1]).all():

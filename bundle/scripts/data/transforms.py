@@ -35,15 +35,23 @@ class LoadImageAnyd(MapTransform):
     """Read NIfTI, DICOM (file, folder, ``folder::SeriesInstanceUID``), TIFF, PNG or JPEG into a
     float32 channel-first ``MetaTensor`` with the file's metadata (see ``scripts.data.io.readers``).
     Keys read together with ``image_key`` (labels) are put on its voxel grid, or refused
-    (``scripts.data.pairs``)."""
+    (``scripts.data.pairs``); the keys in ``label_keys`` hold label maps, whose stored values are
+    kept (a palette PNG's indices)."""
 
-    def __init__(self, keys: KeysCollection, image_key: str = "image", allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        label_keys: KeysCollection = ("label",),
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
+        self.label_keys = {label_keys} if isinstance(label_keys, str) else set(label_keys)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        loaded = {key: read_image(d[key]) for key in self.key_iterator(d)}
+        loaded = {key: read_image(d[key], as_label=key in self.label_keys) for key in self.key_iterator(d)}
         for key, (array, meta) in loaded.items():
             if key != self.image_key and self.image_key in loaded:
                 array, meta = label_on_image_grid(array, meta, loaded[self.image_key][1])

@@ -58,6 +58,13 @@ def axial_axis_of(affine: np.ndarray) -> int:
 # NIfTI
 
 
+def _nifti_plane(shape: tuple[int, ...]) -> list[int] | None:
+    """The two in-plane axes of a 3D grid one voxel thick along exactly one axis: a 2D image,
+    whichever axis is the thin one (``(X, Y, 1)``, ``(X, 1, Z)``, ``(1, Y, Z)``)."""
+    plane = [a for a, size in enumerate(shape[:3]) if size != 1]
+    return plane if len(shape) >= 3 and len(plane) == 2 else None
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
     import nibabel as nib
 
@@ -66,17 +73,20 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
         data = np.asanyarray(img.dataobj)  # applies the scaling; reads everything
     except Exception as err:  # truncated .nii.gz raises EOFError, OSError or zlib errors
         raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
-    if data.ndim == 2:
-        array, axial = data[None], None
-    elif data.ndim == 3 and data.shape[2] == 1:
-        array, axial = data[None, :, :, 0], None
-    elif data.ndim == 3:
-        array, axial = data[None], axial_axis_of(img.affine)
-    elif data.ndim == 4:  # a 4th axis is channels (MONAI's convention, e.g. multi-sequence MR)
-        array, axial = np.moveaxis(data, 3, 0), axial_axis_of(img.affine)
-    else:
+    if data.ndim not in (2, 3, 4):
         raise _fail(path, f"unsupported NIfTI dimensionality {data.shape}: 2D, 3D or 3D + channels expected")
-    return array, _meta(path, "nifti", array, img.affine, axial)
+    affine, plane = np.asarray(img.affine, dtype=np.float64), _nifti_plane(data.shape)
+    # A 4th axis is channels (MONAI's convention, e.g. multi-sequence MR).
+    array = np.moveaxis(data, 3, 0) if data.ndim == 4 else data[None]
+    axial = None
+    if plane is not None:
+        # The thin axis goes; the affine's columns follow the array's axes, the thin one last.
+        thin = ({0, 1, 2} - set(plane)).pop()
+        array = array.reshape(array.shape[0], *(data.shape[a] for a in plane))
+        affine[:, :3] = affine[:, [*plane, thin]]
+    elif data.ndim > 2:
+        axial = axial_axis_of(affine)
+    return array, _meta(path, "nifti", array, affine, axial, nifti_shape=tuple(int(s) for s in data.shape[:3]))
 
 
 def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
@@ -87,7 +97,8 @@ def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
     except Exception as err:
         raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
     channels = shape[3] if len(shape) == 4 else 1
-    return tuple(s for s in shape[:3] if s != 1) or shape[:2], channels
+    plane = _nifti_plane(shape)
+    return (tuple(shape[a] for a in plane) if plane else shape[:3]), channels
 
 
 # DICOM: pydicom reads the headers, groups the files of a folder by SeriesInstanceUID, keeps one
@@ -96,6 +107,7 @@ def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
 
 _SLICE_TOL = 0.05  # how far a slice may lie off its place on the uniform grid, as a fraction of the step
 _HEADER_TAGS = [
+    "SOPClassUID",
     "Modality",
     "SeriesInstanceUID",
     "SOPInstanceUID",
@@ -106,7 +118,23 @@ _HEADER_TAGS = [
     "Rows",
     "Columns",
     "NumberOfFrames",
+    "RescaleSlope",
+    "RescaleIntercept",
 ]
+# Objects that are no image to segment, though a folder of images often holds them: segmentations,
+# structure sets, reports, key-object selections, presentation states, RT plans, doses and records,
+# registrations, waveforms and documents. By Modality, and by SOP class (the class and its sub-classes).
+_NON_IMAGE_MODALITIES = frozenset(
+    ["SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "KO", "PR", "REG", "FID", "DOC", "PLAN"]
+    + ["ECG", "HD", "AU"]  # waveforms
+)
+_NON_IMAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.9",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.11",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registrations, fiducials, segmentations (.66.4)
+    "1.2.840.10008.5.1.4.1.1.88",  # structured reports, key-object selection (.88.59)
+    "1.2.840.10008.5.1.4.1.1.104",  # encapsulated PDF, CDA
+)
 
 
 class _Slice(NamedTuple):
@@ -121,6 +149,7 @@ class _Slice(NamedTuple):
     orientation: tuple[float, ...] | None  # ImageOrientationPatient: row, then column direction
     modality: str
     nbytes: int
+    rescale: tuple[float, float]  # RescaleSlope, RescaleIntercept
 
 
 class _Series(NamedTuple):
@@ -134,11 +163,23 @@ def _floats(ds: Any, keyword: str, n: int) -> tuple[float, ...] | None:
     return tuple(float(v) for v in value) if value is not None and len(value) == n else None
 
 
+def _non_image(ds: Any) -> str | None:
+    """What a DICOM object is when it is no image to segment (a SEG, a report ...), else None."""
+    modality = str(ds.get("Modality", "")).strip().upper()
+    sop = str(ds.get("SOPClassUID", ""))
+    if modality in _NON_IMAGE_MODALITIES:
+        return f"a DICOM {modality} object"
+    if any(sop == uid or sop.startswith(uid + ".") for uid in _NON_IMAGE_SOP_CLASSES):
+        return f"a DICOM object of the non-image SOP class {sop}"
+    return None
+
+
 def _header(file: Path) -> _Slice:
     import pydicom
 
     try:
         ds = pydicom.dcmread(file, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
+        kind = _non_image(ds)
         slice_ = _Slice(
             file=file,
             series=str(ds.get("SeriesInstanceUID", "")),
@@ -154,9 +195,12 @@ def _header(file: Path) -> _Slice:
             orientation=_floats(ds, "ImageOrientationPatient", 6),
             modality=str(ds.get("Modality", "")).strip(),
             nbytes=file.stat().st_size,
+            rescale=(float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)),
         )
     except Exception as err:
         raise _fail(file, f"unreadable DICOM header ({_reason(err)})") from err
+    if kind:
+        raise _fail(file, f"not an image to segment: {kind}")
     if not all(slice_.size[:2]):  # pydicom stops quietly where a file ends
         raise _fail(file, "unreadable DICOM header (no Rows or Columns: truncated, or not an image)")
     return slice_
@@ -164,7 +208,8 @@ def _header(file: Path) -> _Slice:
 
 def _scan(folder: Path) -> tuple[dict[str, list[_Slice]], list[str]]:
     """The DICOM files directly in ``folder`` by SeriesInstanceUID, and a problem for each file whose
-    header does not read: such a file belongs to no series, so it spoils none."""
+    header does not read or that is no image (a SEG, a report ...): such a file belongs to no series,
+    so it spoils none."""
     try:
         files = sorted(f for f in folder.iterdir() if not f.name.startswith(".") and looks_like_dicom(f))
     except OSError as err:
@@ -312,7 +357,7 @@ def _pixels_read(file: str) -> bool:
     return True
 
 
-def _read_pixels(files: list[str], path: Any) -> Any:
+def _read_pixels(files: list[str], path: Any, as_float: bool = False) -> Any:
     import SimpleITK as sitk
 
     try:
@@ -320,6 +365,8 @@ def _read_pixels(files: list[str], path: Any) -> Any:
             return sitk.ReadImage(files[0])
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
+        if as_float:
+            reader.SetOutputPixelType(sitk.sitkFloat32)
         return reader.Execute()
     except RuntimeError as err:  # truncated or undecodable pixel data; SimpleITK does not say where
         bad = [Path(f) for f in files if not _pixels_read(f)] if len(files) > 1 else [Path(files[0])]
@@ -353,7 +400,10 @@ def _read_dicom(path: Any) -> tuple[np.ndarray, dict]:
         logger.warning("%s: read each instance once; left out duplicates %s", path, _names(series.duplicates))
     for problem in series.unreadable:
         logger.warning("%s: left out a file of its folder: %s", path, problem)
-    image = _read_pixels([str(s.file) for s in series.slices], path)
+    # SimpleITK stores the series in the type that the first file's rescaling needs: where the
+    # files rescale differently, a later slice's fractional values would be cut to integers.
+    as_float = len({s.rescale for s in series.slices}) > 1
+    image = _read_pixels([str(s.file) for s in series.slices], path, as_float)
     _check_geometry(image, series.slices, path)
     data = sitk.GetArrayFromImage(image)  # z, y, x (and components last)
     if image.GetDimension() == 2:
@@ -388,8 +438,8 @@ def _tiff_layout(axes: str, shape: tuple[int, ...], path: Any) -> tuple[list[int
     keep = [i for i, (a, s) in enumerate(zip(axes, shape, strict=True)) if s > 1 or a in "YX"]
     axes = "".join(axes[i] for i in keep)
     sizes = [shape[i] for i in keep]
-    if len(axes) >= 3 and axes.endswith("YX") and sizes[-1] <= 4 < min(sizes[-3], sizes[-2]):
-        # (H, W, C) written as pages of H x C: the last axis holds channels.
+    if len(axes) >= 3 and axes[-3] in "IQ" and axes.endswith("YX") and sizes[-1] <= 4 < min(sizes[-3], sizes[-2]):
+        # (H, W, C) written as pages of H x C, with no axes recorded: the last axis holds channels.
         axes = axes[:-3] + "YXC"
     channel = [keep[i] for i, a in enumerate(axes) if a in "CS"]
     depth = [keep[i] for i, a in enumerate(axes) if a not in "CSYX"]
@@ -403,17 +453,80 @@ def _tiff_layout(axes: str, shape: tuple[int, ...], path: Any) -> tuple[list[int
     return yx, (channel[0] if channel else None), (depth[0] if depth else None)
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
+def _tiff_series(tif: Any, path: Any) -> Any:
+    """The file's one image: its first series, whose reduced-resolution levels tifffile keeps with it.
+    Further series are other images (pages of another size, more scenes): which to read is unknown."""
+    if any(not s.keyframe.is_reduced for s in tif.series[1:]):
+        raise _fail(
+            path,
+            f"{len(tif.series)} image series in one TIFF (pages of different sizes or several scenes); "
+            "save the image to segment as a file of its own",
+        )
+    return tif.series[0]
+
+
+def _alpha_samples(page: Any) -> list[int]:
+    """Indices of the samples that ExtraSamples marks as alpha (associated or unassociated)."""
+    colour = page.samplesperpixel - len(page.extrasamples)
+    return [colour + i for i, kind in enumerate(page.extrasamples) if int(kind) in (1, 2)]
+
+
+def _palette(page: Any) -> np.ndarray | None:
+    """A palette TIFF's colours, indexed by the stored values: (N,) when all are gray, else (N, 3);
+    8-bit where the 16-bit colour map holds 8-bit values (multiples of 257)."""
+    import tifffile
+
+    if page.photometric != tifffile.PHOTOMETRIC.PALETTE or page.colormap is None:
+        return None
+    colours = np.asarray(page.colormap, np.uint16)  # (3, N)
+    if not (colours % 257).any():
+        colours = (colours // 257).astype(np.uint8)
+    return colours[0] if (colours == colours[:1]).all() else np.ascontiguousarray(colours.T)
+
+
+def _inverted(data: np.ndarray, bits: int) -> np.ndarray:
+    """MINISWHITE values as intensities: 0 is white."""
+    if data.dtype.kind == "f":
+        return -data
+    if data.dtype.kind == "u":
+        return np.asarray((1 << bits) - 1, data.dtype) - data
+    return np.invert(data)  # bool, and signed integers: reverses the range exactly
+
+
+def _tiff_values(
+    data: np.ndarray, axes: str, page: Any, colours: np.ndarray | None, as_label: bool
+) -> tuple[np.ndarray, str]:
+    """Alpha left out; for an image, the palette's ``colours`` and MINISWHITE inverted, as viewers show them."""
+    import tifffile
+
+    alpha = _alpha_samples(page)
+    if alpha and "S" in axes:
+        data = np.delete(data, alpha, axis=axes.index("S"))
+    if as_label:
+        return data, axes
+    if colours is not None:
+        data = np.take(colours, data, axis=0)  # also for 1-bit indices, read as bool
+        axes = axes + "S" if colours.ndim == 2 else axes
+    elif page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        data = _inverted(data, page.bitspersample)
+    return data, axes
+
+
+def _read_tiff(path: Path, as_label: bool = False) -> tuple[np.ndarray, dict]:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            axes, data = series.axes, series.asarray()
+            series = _tiff_series(tif, path)
+            axes, data, page = series.axes, series.asarray(), series.keyframe
+            colours = None if as_label else _palette(page)
+    except ImageReadError:
+        raise
     except Exception as err:
         raise _fail(path, f"unreadable TIFF file ({_reason(err)})") from err
     if data.ndim != len(axes):  # tifffile squeezes; keep axes and data in step
         raise _fail(path, f"unsupported TIFF layout: axes {axes!r} for shape {data.shape}")
+    data, axes = _tiff_values(data, axes, page, colours, as_label)
     yx, channel, depth = _tiff_layout(axes, data.shape, path)
     if len(axes) == 2 and data.ndim == 2:
         array = data[None]
@@ -431,12 +544,19 @@ def _probe_tiff(path: Path) -> tuple[tuple[int, ...], int]:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            axes, shape = tif.series[0].axes, tuple(tif.series[0].shape)
+            series = _tiff_series(tif, path)
+            axes, shape, page = series.axes, tuple(series.shape), series.keyframe
+            colours = _palette(page)
+    except ImageReadError:
+        raise
     except Exception as err:
         raise _fail(path, f"unreadable TIFF file ({_reason(err)})") from err
     yx, channel, depth = _tiff_layout(axes, shape, path)
     spatial = tuple(shape[i] for i in ([depth] if depth is not None else []) + yx)
-    return spatial, shape[channel] if channel is not None else 1
+    channels = shape[channel] if channel is not None else 1
+    if channel is not None and axes[channel] == "S":
+        channels -= len(_alpha_samples(page))
+    return spatial, 3 if colours is not None and colours.ndim == 2 else channels
 
 
 # PNG / JPEG
@@ -467,29 +587,98 @@ def _open_pil(path: Path) -> Any:
         return Image.open(path)
 
 
-def _read_pil(path: Path, fmt: str) -> tuple[np.ndarray, dict]:
+_EXIF_ORIENTATION = 0x0112
+
+
+def _orientation(img: Any, header_only: bool = False) -> int:
+    """The EXIF Orientation (1..8; 1 where there is none or it is invalid). Pillow decodes a PNG
+    to look for an eXIf chunk after its pixels: ``header_only`` looks only before them."""
+    if header_only and img.format == "PNG" and "exif" not in img.info:
+        return 1
+    value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    return value if value in range(1, 9) else 1
+
+
+def _upright(data: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W[, C]) pixels as viewers show them: EXIF orientations 5..8 transpose the stored
+    rows and columns, and each orientation flips rows and/or columns as ImageOps.exif_transpose does."""
+    if orientation >= 5:
+        data = data.swapaxes(0, 1)
+    flip = (orientation - 1) % 4  # 0: none, 1: columns, 2: both, 3: rows
+    if flip in (2, 3):
+        data = data[::-1]
+    if flip in (1, 2):
+        data = data[:, ::-1]
+    return data
+
+
+def _deep_png(path: Path) -> int:
+    """The colour type of a PNG of 16 bits per sample in colour or with alpha, which Pillow reads
+    cut to 8 bits (2: RGB, 4: gray + alpha, 6: RGBA); 0 for any other file."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    deep = len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
+    return head[25] if deep else 0
+
+
+def _check_deep_png(path: Path) -> int:
+    colour_type = _deep_png(path)
+    if colour_type == 4:  # SimpleITK reads 16-bit RGB(A) PNG, not gray + alpha
+        raise _fail(path, "16-bit gray + alpha PNG, not readable at its full depth; save it without alpha, or as TIFF")
+    return colour_type
+
+
+def _read_png16(path: Path) -> np.ndarray:
+    """(H, W, 3) uint16 from a 16-bit RGB or RGBA PNG, its alpha left out."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path), imageIO="PNGImageIO"))[..., :3]
+
+
+def _pil_pixels(img: Any, as_label: bool) -> np.ndarray:
+    """Intensities with any alpha left out; a label keeps its palette's indices (VOC-style
+    label PNGs number their classes so), an image has its palette's colours, gray when all are gray."""
+    if img.mode in ("P", "PA"):
+        if as_label:
+            return np.asarray(img.getchannel(0))
+        rgb = np.asarray(img.convert("RGB"))
+        return rgb[..., 0] if (rgb == rgb[..., :1]).all() else rgb
+    if img.mode in ("RGBA", "CMYK"):
+        img = img.convert("RGB")
+    elif img.mode == "LA":
+        img = img.convert("L")
+    return np.asarray(img)
+
+
+def _read_pil(path: Path, fmt: str, as_label: bool = False) -> tuple[np.ndarray, dict]:
     try:
+        deep = fmt == "png" and _check_deep_png(path)
         with _open_pil(path) as img:
-            mode = img.mode
-            if mode in ("RGBA", "LA", "PA"):
-                img = img.convert("RGB" if mode == "RGBA" else "L")
-            elif mode == "CMYK":
-                img = img.convert("RGB")
-            data = np.asarray(img)  # palette images give their indices: label maps
+            mode, orientation = img.mode, _orientation(img)
+            data = _read_png16(path) if deep else _pil_pixels(img, as_label)
+    except ImageReadError:
+        raise
     except Exception as err:
         raise _fail(path, f"unreadable {fmt.upper()} file ({_reason(err)})") from err
+    data = _upright(data, orientation)  # labels drawn on the image as shown match it
     array = np.moveaxis(data, -1, 0) if data.ndim == 3 else data[None]
     return np.ascontiguousarray(array), _meta(path, fmt, array, None, None, pil_mode=mode)
 
 
 def _probe_pil(path: Path, fmt: str) -> tuple[tuple[int, ...], int]:
     try:
+        deep = fmt == "png" and _check_deep_png(path)
         with _open_pil(path) as img:  # lazy: the header only
             w, h = img.size
-            bands = len(img.getbands())
+            bands = img.getbands()
+            orientation = _orientation(img, header_only=True)
+    except ImageReadError:
+        raise
     except Exception as err:
         raise _fail(path, f"unreadable {fmt.upper()} file ({_reason(err)})") from err
-    return (h, w), min(bands, 3)
+    # alpha is left out; a palette may hold colours
+    channels = 1 if len(bands) <= 2 and bands[0] != "P" and not deep else 3
+    return ((w, h) if orientation >= 5 else (h, w)), channels
 
 
 # Dispatch
@@ -510,11 +699,15 @@ def _locate(path: str | Path) -> tuple[str, Any]:
     return fmt, file
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
-    """Read ``path`` (a file, a DICOM folder or ``folder::SeriesInstanceUID``); see the module doc."""
+def read_image(path: str | Path, as_label: bool = False) -> tuple[np.ndarray, dict]:
+    """Read ``path`` (a file, a DICOM folder or ``folder::SeriesInstanceUID``); see the module doc.
+    ``as_label``: the file holds a label map, so its stored values are kept (a palette's indices, a
+    TIFF's MINISWHITE values) where an image's are turned into the intensities a viewer shows."""
     fmt, source = _locate(path)
-    readers = {"nifti": _read_nifti, "dicom": _read_dicom, "tiff": _read_tiff}
-    return readers[fmt](source) if fmt in readers else _read_pil(source, fmt)
+    if fmt == "tiff":
+        return _read_tiff(source, as_label)
+    readers = {"nifti": _read_nifti, "dicom": _read_dicom}
+    return readers[fmt](source) if fmt in readers else _read_pil(source, fmt, as_label)
 
 
 def probe_image(path: str | Path) -> dict:

@@ -33,16 +33,30 @@ def label_dtype(label: np.ndarray) -> type:
     return np.uint8 if top <= 255 else np.uint16
 
 
+def _as_stored(label: np.ndarray, affine: np.ndarray, meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI input one voxel thick was read as 2D (its thin axis dropped, that axis's affine column
+    moved last): put the thin axis back where the input stores it, so the label has the input's shape and affine."""
+    shape = tuple(int(s) for s in meta.get("nifti_shape", label.shape))
+    if label.ndim != 2 or len(shape) != 3:
+        return label, affine
+    thin = shape.index(1)
+    plane = [a for a in range(3) if a != thin]
+    stored = affine.copy()
+    stored[:, [*plane, thin]] = affine[:, :3]
+    return label.reshape(shape), stored
+
+
 def _write_nifti(label: np.ndarray, meta: Mapping[str, Any], path: Path) -> None:
     import nibabel as nib
 
+    label, affine = _as_stored(label, np.asarray(meta["affine"], dtype=np.float64), meta)
     header = None
     if meta["format"] == "nifti":
         try:
             header = nib.load(meta["filename_or_obj"]).header.copy()
         except Exception:  # the source went away: write with the affine alone
             header = None
-    image = nib.Nifti1Image(label, np.asarray(meta["affine"], dtype=np.float64), header=header)
+    image = nib.Nifti1Image(label, affine, header=header)
     image.set_data_dtype(label.dtype)
     image.header.set_slope_inter(1, 0)
     # The source's display window (a CT's -1024..3000) would show a 0/1 label black.
