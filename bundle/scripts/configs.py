@@ -17,6 +17,7 @@ import scripts.engine.metrics
 import scripts.engine.recipe
 import scripts.engine.resume
 import scripts.engine.screening
+import scripts.engine.splits
 import scripts.engine.study
 import scripts.engine.tracking
 import scripts.model.prompts

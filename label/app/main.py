@@ -28,7 +28,8 @@ What this adds to MONAI Label's bundle tasks, and why:
   image or model, 415 unsupported file, 422 unreadable), where MONAI Label answers a bare 500;
 - training never resumes an older run's state: every ``/train`` is a new MLflow-tracked run
   starting from the current ``model.pt``, with the preprocessing recipe recorded in it
-  (inference reads that recipe through the bundle's own ``inference.yaml``);
+  (inference reads that recipe through the bundle's own ``inference.yaml``); the new
+  ``model.pt``'s record of the images that trained the prompts keeps those of the old one;
 - a ``model.pt`` written by ``/train`` after start-up makes the model available at once (``/info``
   lists it, as 3D Slicer reads it there).
 """
@@ -153,6 +154,11 @@ def _trained_recipe(bundle: str) -> dict[str, Any]:
         recipe = read_recipe(model) or {}
     recipe.pop("image_size", None)  # follows sam_variant
     return recipe
+
+
+def _checkpoint_loader(handlers: list) -> dict | None:
+    """The ``CheckpointLoader`` MONAI Label adds to the training's handlers to start from model.pt."""
+    return next((h for h in handlers if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"), None)
 
 
 def _read_error(err: BaseException) -> BaseException | None:
@@ -316,6 +322,11 @@ class PTSAMTrainTask(BundleTrainTask):
         # state would otherwise continue that run, and at its last epoch do nothing. The run
         # keeps the recipe model.pt was trained with, so its prompts see images as before.
         overrides.update({**self.overrides, **_trained_recipe(self.bundle_path), "resume": False})
+        # The new prompts continue those of model.pt: the images that trained or chose them are in
+        # the new model.pt's record of its split too (evaluation refuses them as test images).
+        loader = _checkpoint_loader(overrides.get("train#handlers", []))
+        if loader is not None:
+            overrides["split_record#started_from"] = loader["load_path"]
 
 
 class PTSAMApp(MONAILabelApp):

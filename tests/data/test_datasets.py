@@ -79,6 +79,57 @@ def test_without_a_test_set_one_is_carved_out_before_validation(tmp_path):
     assert len(load_datalist(tmp_path, "training")) == 16
 
 
+def _decathlon(root: Path, n_train: int, n_test: int, labelled_test: int, listed: bool = True) -> None:
+    """The Decathlon's layout: dataset.json lists ``test`` as image paths alone; labelsTs/ holds
+    the labels of the first ``labelled_test`` test images (added later by the user)."""
+    rng = np.random.default_rng(1)
+    for i in range(n_train):
+        _png(root / "imagesTr" / f"case{i}.png", _cells(rng))
+        _png(root / "labelsTr" / f"case{i}.png", _mask())
+    for i in range(n_test):
+        _png(root / "imagesTs" / f"test{i}.png", _cells(rng))
+        if i < labelled_test:
+            _png(root / "labelsTs" / f"test{i}.png", _mask())
+    training = [{"image": f"./imagesTr/case{i}.png", "label": f"./labelsTr/case{i}.png"} for i in range(n_train)]
+    spec: dict = {"training": training}
+    if listed:
+        spec["test"] = [f"./imagesTs/test{i}.png" for i in range(n_test)]
+    (root / "dataset.json").write_text(json.dumps(spec))
+
+
+def test_dataset_json_test_images_take_their_labels_from_labels_ts(tmp_path):
+    _decathlon(tmp_path, n_train=10, n_test=3, labelled_test=3)
+    train, val, test = (load_datalist(tmp_path, s) for s in ("training", "validation", "test"))
+    assert [(Path(i["image"]).name, Path(i["label"]).parent.name) for i in test] == [
+        (f"test{i}.png", "labelsTs") for i in range(3)
+    ]
+    assert all(Path(i["label"]).name == Path(i["image"]).name and Path(i["label"]).is_file() for i in test)
+    assert (len(train), len(val)) == (8, 2)  # nothing carved out of the training images for testing
+    assert {Path(i["image"]).parent.name for i in train + val} == {"imagesTr"}
+    check_dataset(test)
+    # inference still predicts the listed test images, without labels
+    assert [set(i) for i in load_datalist(tmp_path, "inference")] == [{"image"}] * 3
+
+
+def test_dataset_json_without_a_test_list_uses_the_images_ts_pairs(tmp_path):
+    _decathlon(tmp_path, n_train=10, n_test=2, labelled_test=2, listed=False)
+    assert [Path(i["image"]).name for i in load_datalist(tmp_path, "test")] == ["test0.png", "test1.png"]
+    assert len(load_datalist(tmp_path, "training")) + len(load_datalist(tmp_path, "validation")) == 10
+
+
+def test_dataset_json_test_images_without_labels_ts(tmp_path):
+    _decathlon(tmp_path, n_train=10, n_test=3, labelled_test=0)  # no labelsTs/: carved out as before
+    test = load_datalist(tmp_path, "test")
+    assert len(test) == 2 and {Path(i["image"]).parent.name for i in test} == {"imagesTr"}
+    shutil.rmtree(tmp_path)
+    _decathlon(tmp_path, n_train=10, n_test=3, labelled_test=2)  # one test image not labelled: named
+    test = load_datalist(tmp_path, "test")
+    assert len(test) == 3 and len(load_datalist(tmp_path, "training")) == 8
+    missing = r"(?s)1 problem.*test2.png: missing label \(.*labelsTs/test2.png does not exist\)"
+    with pytest.raises(DatasetError, match=missing):
+        check_dataset(test)
+
+
 def test_images_and_labels_folders_with_deterministic_split(tmp_path, caplog):
     for i in range(10):
         _png(tmp_path / "imagesTr" / f"case{i}.png", _cells())

@@ -24,7 +24,7 @@ CONFIGS = "['configs/train.yaml','configs/study.yaml']"
 # train.yaml's top-level ids that are not knobs a user sets: built from the knobs, or workflow wiring.
 _DERIVED = {
     "imports", "scripts", "image_size", "use_cache", "embedding_cache", "model_path", "state_path", "recipe",
-    "tracking_run", "network_def", "network", "loss", "optimizer", "lr_scheduler", "preprocessing_head",
+    "split_record", "tracking_run", "network_def", "network", "loss", "optimizer", "lr_scheduler", "preprocessing_head",
     "train", "validate", "options", "initialize", "run", "training",
 }  # fmt: skip
 # What each cell sets for itself (scripts.engine.study.Study._cell_parser).

@@ -32,7 +32,7 @@ def test_two_epochs_write_a_loadable_model(synthetic, tmp_path):
     assert "epoch 2/2" in done.stdout and "val_mean_dice" in done.stdout
     model = tmp_path / "models" / "model.pt"
     state = torch.load(model, weights_only=True)
-    assert set(state) == {"md_prompts.tokens", "ie_prompts.tokens", "ptsam_meta", "ptsam_recipe"}
+    assert set(state) == {"md_prompts.tokens", "ie_prompts.tokens", "ptsam_meta", "ptsam_recipe", "ptsam_split"}
     assert decode_meta(state["ptsam_meta"])["sam_variant"] == "tiny"
     net = quiet(PTSAM, "tiny")
     before = net.md_prompts.tokens.detach().clone()

@@ -8,8 +8,10 @@ the folder) or ``imagesTr/`` + ``labelsTr/`` with matching names (and ``imagesTs
 Three labelled splits, none of which sees another's images:
 
 - ``test``: what evaluation scores by default, images that chose nothing. ``dataset.json``'s
-  ``test`` entries that have a label, else ``imagesTs/`` + ``labelsTs/``, else a deterministic
-  ``test_fraction`` of the training cases, carved out first;
+  ``test`` entries that have a label, else ``imagesTs/`` + ``labelsTs/`` (with a ``dataset.json``
+  whose ``test`` lists images alone, as the Decathlon's does: those images, each with the file of
+  its name in ``labelsTs/``), else a deterministic ``test_fraction`` of the training cases,
+  carved out first;
 - ``validation``: what selects the best epoch and stops early. ``dataset.json``'s
   ``validation`` list, else a deterministic ``val_fraction`` of what is left;
 - ``training``: the rest.
@@ -68,6 +70,23 @@ def _pairs(images_dir: Path, labels_dir: Path) -> list[dict]:
     labels = {stem_of(p): p for p in list_images(labels_dir)[0]} if labels_dir.is_dir() else {}
     _note_ignored(ignored)
     return [{"image": p, "label": labels.get(stem_of(p), str(labels_dir / Path(p).name))} for p in images]
+
+
+def _labels_ts(root: Path, listed: Sequence[Any]) -> list[dict]:
+    """The labelled test set of ``labelsTs/`` beside a ``dataset.json`` whose ``test`` entries have
+    no label: each listed image with the label of its name there (a missing one is named by the
+    dataset check), or without a ``test`` list the ``imagesTs/`` + ``labelsTs/`` pairs."""
+    labels_dir = root / "labelsTs"
+    if not labels_dir.is_dir():
+        return []
+    if not listed:
+        return _pairs(root / "imagesTs", labels_dir) if (root / "imagesTs").is_dir() else []
+    labels = {stem_of(p): p for p in list_images(labels_dir)[0]}
+    pairs = []
+    for entry in (e if isinstance(e, dict) else {"image": e} for e in listed):
+        image = split_series(entry["image"])[0]  # a DICOM series: its folder's name
+        pairs.append({**entry, "label": labels.get(stem_of(image), str(labels_dir / image.name))})
+    return pairs
 
 
 def held_out(items: Sequence[Mapping], fraction: float, salt: str = "") -> tuple[list[dict], list[dict]]:
@@ -132,7 +151,8 @@ def load_datalist(
         return _inference_items(root, content)
     if content is not None:
         training = [_resolve(root, e) for e in content.get("training", [])]
-        test = [e for e in (_resolve(root, t) for t in content.get("test", [])) if isinstance(e, dict) and "label" in e]
+        listed = [_resolve(root, t) for t in content.get("test", [])]
+        test = [e for e in listed if isinstance(e, dict) and "label" in e] or _labels_ts(root, listed)
         validation = [_resolve(root, e) for e in content.get("validation", [])]
     else:
         if not (root / "imagesTr").is_dir():

@@ -42,9 +42,10 @@ def remembered(trainer: Engine, **defaults: Any) -> None:
 
 
 class BestPromptSaver:
-    """Writes the prompts, with the training's ``recipe`` (``scripts.engine.recipe``), to
-    ``model_path`` whenever the evaluator's ``metric_name`` improves. With no validation images
-    (MONAI Label trains on as few as one), the final prompts are written when training ends."""
+    """Writes the prompts, with the training's ``recipe`` (``scripts.engine.recipe``) and
+    ``split`` (``scripts.engine.splits``), to ``model_path`` whenever the evaluator's
+    ``metric_name`` improves. With no validation images (MONAI Label trains on as few as one),
+    the final prompts are written when training ends."""
 
     def __init__(
         self,
@@ -53,8 +54,9 @@ class BestPromptSaver:
         evaluator: Engine,
         recipe: Mapping[str, Any] | None = None,
         metric_name: str = "val_mean_dice",
+        split: Mapping[str, Any] | None = None,
     ):
-        self.network, self.model_path, self.recipe = network, Path(model_path), recipe
+        self.network, self.model_path, self.recipe, self.split = network, Path(model_path), recipe, split
         self.evaluator, self.metric_name = evaluator, metric_name
 
     def attach(self, trainer: Engine) -> None:
@@ -66,12 +68,12 @@ class BestPromptSaver:
         value = float(metrics[self.metric_name])
         if value > trainer.state.best_prompts_metric:
             trainer.state.best_prompts_metric, trainer.state.best_prompts_epoch = value, int(trainer.state.epoch)
-            save_prompts(unwrap(self.network), self.model_path, self.recipe)
+            save_prompts(unwrap(self.network), self.model_path, self.recipe, self.split)
             logger.info("new best %s %.4f: prompts saved to %s", self.metric_name, value, self.model_path)
 
     def save_unvalidated(self, trainer: Engine) -> None:
         if trainer.state.best_prompts_epoch == 0:
-            save_prompts(unwrap(self.network), self.model_path, self.recipe)
+            save_prompts(unwrap(self.network), self.model_path, self.recipe, self.split)
             logger.warning("no validation ran: the final prompts are saved to %s", self.model_path)
 
 

@@ -14,7 +14,7 @@ import csv
 import io
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +88,16 @@ def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarra
 class EvaluationReport:
     """Attach to an evaluator whose output holds per-class binary ``pred`` and ``label``."""
 
-    def __init__(self, output_dir: str | Path, class_names: Sequence[str], n_overlays: int = 4, split: str = "test"):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        class_names: Sequence[str],
+        n_overlays: int = 4,
+        split: str = "test",
+        split_check: Mapping[str, str] | None = None,
+    ):
         self.output_dir, self.class_names, self.n_overlays = Path(output_dir), list(class_names), n_overlays
-        self.split = split
+        self.split, self.split_check = split, dict(split_check or {})
         self.rows: list[dict[str, Any]] = []
         self.overlays: list[Path] = []
 
@@ -152,6 +159,9 @@ class EvaluationReport:
         n_images = len({r["image"] for r in self.rows})
         logger.info("evaluation of %d image(s) written to %s", n_images, path)
         logger.info("scored on the %s split: %s", self.split, SPLITS.get(self.split, self.split))
+        status, detail = self.split_check.get("status"), self.split_check.get("detail")
+        if detail:  # what model.pt's record of its split says of these images
+            (logger.info if status == "checked" else logger.warning)("split %s: %s", status, detail)
         for line in summary_lines(self.rows, self.class_names):
             logger.info(line)
         if self.overlays:

@@ -4,7 +4,9 @@
 counts, classes, backbone fingerprint); the frozen SAM weights come from ``sam_checkpoint``
 and are never part of it. ``save_prompts`` adds the training's preprocessing recipe as
 ``ptsam_recipe`` (JSON, see ``scripts.engine.recipe``), so that evaluation and inference see
-images as the prompts were trained on them. Loading through ``load_state_dict``, strict or not (MONAI's
+images as the prompts were trained on them, and its split as ``ptsam_split`` (which images
+trained the prompts and which chose them, see ``scripts.engine.splits``), so that evaluation
+never scores those as held-out test images. Loading through ``load_state_dict``, strict or not (MONAI's
 ``CheckpointLoader``, MONAI Label), compares ``ptsam_meta`` with the network first and
 refuses a file made for another network, so no prompt is silently dropped.
 
@@ -28,6 +30,7 @@ from ..common.files import atomic_torch_save
 
 META_KEY = "ptsam_meta"
 RECIPE_KEY = "ptsam_recipe"
+SPLIT_KEY = "ptsam_split"
 META_BYTES = 512
 FORMAT_VERSION = 1
 BACKBONE = "backbone"
@@ -144,6 +147,7 @@ def check_before_load(
 ) -> None:
     check_meta(state_dict.pop(prefix + META_KEY, None), network_meta(module))
     state_dict.pop(prefix + RECIPE_KEY, None)  # read by scripts.engine.recipe, not a weight
+    state_dict.pop(prefix + SPLIT_KEY, None)  # read by scripts.engine.splits, not a weight
     # The backbone comes from sam_checkpoint only; a prompt file never overwrites it.
     for key in [k for k in state_dict if k.startswith(prefix + BACKBONE + ".")]:
         del state_dict[key]
@@ -157,11 +161,19 @@ def ignore_missing_backbone(module: nn.Module, incompatible_keys: Any) -> None:
 # Files.
 
 
-def save_prompts(net: nn.Module, path: str | Path, recipe: Mapping[str, Any] | None = None) -> Path:
-    """Write ``net``'s prompt checkpoint atomically, with the preprocessing ``recipe`` if given."""
+def save_prompts(
+    net: nn.Module,
+    path: str | Path,
+    recipe: Mapping[str, Any] | None = None,
+    split: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``net``'s prompt checkpoint atomically, with the preprocessing ``recipe`` and the
+    ``split`` record of the training if given."""
     state = net.state_dict()
     if recipe is not None:
         state[RECIPE_KEY] = encode_json(recipe)
+    if split is not None:
+        state[SPLIT_KEY] = encode_json(split)
     return atomic_torch_save(state, path)
 
 
@@ -186,6 +198,12 @@ def read_prompt_file(path: str | Path) -> Mapping[str, Any]:
 def read_recipe(path: str | Path) -> dict[str, Any] | None:
     """The preprocessing recipe recorded in a prompt checkpoint; None for files made before it was."""
     return decode_meta(read_prompt_file(path).get(RECIPE_KEY))
+
+
+def read_split(path: str | Path) -> dict[str, Any] | None:
+    """The split recorded in a prompt checkpoint; None for files without one (written before it
+    was recorded, or a federated global model)."""
+    return decode_meta(read_prompt_file(path).get(SPLIT_KEY))
 
 
 def load_prompts(net: nn.Module, path: str | Path) -> None:
