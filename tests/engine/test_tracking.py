@@ -137,7 +137,9 @@ def test_unreachable_server_fails_fast_before_training(synthetic, tmp_path):
     uri = f"http://127.0.0.1:{_free_port()}"
     start = time.time()
     done = monai_bundle("run", "training", "--config_file", TRAIN, *_args(synthetic, tmp_path, "--tracking_uri", uri))
-    assert done.returncode != 0 and time.time() - start < 60
+    # Before any epoch: the check waits 5 s; the rest is start-up (importing torch, MONAI and
+    # MLflow), slow on a loaded 2-core machine, so the bound is loose.
+    assert done.returncode != 0 and time.time() - start < 180 and "epoch 1/" not in done.stdout + done.stderr
     assert f"MLflow tracking server {uri} is unreachable" in done.stderr
     assert not (tmp_path / "models" / "model.pt").exists() and not (tmp_path / "models").exists()
 

@@ -285,7 +285,7 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     assert _sha(model) != old, f"model.pt unchanged: {_text(log)[-3000:]}"
 
     after = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_after.tif"))
-    assert after.shape == tiff.shape and set(np.unique(after)) <= {0, 1}
+    assert after.shape == tiff.shape and set(np.unique(after)) <= {0, 1} and after.any()  # trained: cells found
     local = _local_prediction(generalist, bundle, studies / "cells_000.tif", tmp_path / "local")
     truth = tifffile.imread(studies / "labels" / "final" / "cells_000.tif")
     print(f"Dice with the label: before training {_dice(before, truth):.3f}, after {_dice(after, truth):.3f}")
@@ -441,6 +441,7 @@ def test_the_cpu_engine_serves_pytorchs_labels(trained, label_env, generalist, t
     for name, suffix in images.items():
         ours, theirs = read[suffix](answers[name]), read[suffix](reference[name])
         assert ours.shape == theirs.shape and _dice(ours, theirs) >= 0.999, name
+    assert read[".tif"](reference["cells_000"]).any()  # the agreement is on cells found, not on two empty masks
 
 
 def test_an_engine_that_cannot_run_here_stops_the_server_at_start(label_env, generalist, tmp_path):

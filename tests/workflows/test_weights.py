@@ -51,6 +51,7 @@ def test_random_weights_when_asked_and_for_the_network_alone():
     require_weights("tiny", None)  # not a released model: tests and demos
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
-    parser.update({"bundle_root": str(BUNDLE), "device": "$torch.device('cpu')"})
+    # No checkpoint, whatever a user has put in bundle/models/ (download_large_files puts ViT-B there).
+    parser.update({"bundle_root": str(BUNDLE), "device": "$torch.device('cpu')", "sam_checkpoint": None})
     net = quiet(parser.get_parsed_content, "network_def")  # verify_net_in_out and ckpt_export build it alone
     assert net.backbone.random and net.backbone.variant.name == "vit_b"
