@@ -22,8 +22,11 @@ C="-c $VENV/constraints.txt"
 $PIP $C --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
 # The server's imports; pip then lists monailabel's other declared dependencies (sam2,
 # numpymaxflow, pynetdicom, ...) as missing: the server and this bundle do not import them.
-# pydicom 2.4: pydicom-seg breaks on pydicom 3 (the bundle reads both).
-$PIP $C fastapi uvicorn python-multipart pydantic-settings pyjwt passlib cachetools requests \
+# pydicom 2.4: pydicom-seg breaks on pydicom 3 (the bundle reads both). The web stack is pinned
+# to the releases checked with MONAI Label 0.8.5: a new fastapi, starlette or pydantic must not
+# break a clean set-up overnight.
+$PIP $C fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 python-multipart==0.0.34 pydantic==2.14.4 \
+  pydantic-settings==2.16.3 pyjwt passlib cachetools requests \
   schedule timeloop watchdog psutil expiring-dict "dicomweb-client[gcp]==0.59.3" pydicom==2.4.4 \
   SimpleITK jsonschema itk-io pynrrd girder-client scikit-image shapely nibabel pytorch-ignite
 # This project's dependencies (pyproject.toml; it installs no package of its own), with the
