@@ -66,7 +66,9 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
         data = np.asanyarray(img.dataobj)  # applies the scaling; reads everything
     except Exception as err:  # truncated .nii.gz raises EOFError, OSError or zlib errors
         raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
-    if data.ndim == 2:
+    if data.dtype.names:
+        array, axial = _colour_nifti(data, img.affine, path)
+    elif data.ndim == 2:
         array, axial = data[None], None
     elif data.ndim == 3 and data.shape[2] == 1:
         array, axial = data[None, :, :, 0], None
@@ -79,14 +81,27 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
     return array, _meta(path, "nifti", array, img.affine, axial)
 
 
+def _colour_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> tuple[np.ndarray, int | None]:
+    """RGB24 / RGBA32 voxels (one uint8 record each): the colours as channels, alpha dropped as for PNG."""
+    array = np.stack([data[name] for name in data.dtype.names[:3]])
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim == 3:
+        return array, None
+    if array.ndim == 4:
+        return array, axial_axis_of(affine)
+    raise _fail(path, f"unsupported NIfTI dimensionality {data.shape} of colour voxels: 2D or 3D expected")
+
+
 def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
     import nibabel as nib
 
     try:
-        shape = tuple(nib.load(str(path)).shape)
+        img = nib.load(str(path))
+        shape, colours = tuple(img.shape), img.get_data_dtype().names
     except Exception as err:
         raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
-    channels = shape[3] if len(shape) == 4 else 1
+    channels = min(len(colours), 3) if colours else shape[3] if len(shape) == 4 else 1
     return tuple(s for s in shape[:3] if s != 1) or shape[:2], channels
 
 
