@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import Compose, MapTransform, apply_transform
 from scipy import ndimage
 
 from ..common.flags import flag
@@ -176,6 +176,13 @@ class _WriteBeside(MapTransform):
         return d
 
 
+def _one_plane(label: np.ndarray) -> np.ndarray:
+    """A label of one plane kept with singleton axes (a NIfTI coronal slice read as (x, 1, z)) as
+    that 2D plane, as the screening's headers count it; anything else as it is."""
+    plane = [n for n in label.shape if n > 1]
+    return label.reshape(plane) if label.ndim > 2 and len(plane) == 2 else label
+
+
 class WriteGeoJSONd(_WriteBeside):
     """Beside the label, ``<name>_seg.geojson``: each object of a 2D class label map as a polygon
     classified by its class name, for QuPath (``scripts.data.io.geojson``); the path goes to
@@ -189,6 +196,7 @@ class WriteGeoJSONd(_WriteBeside):
         self.split_touching = flag(split_touching)
 
     def write(self, classes: np.ndarray, meta: Mapping, path: Path) -> Path:
+        classes = _one_plane(classes)
         objects = instance_labels(classes, self.split_touching)
         return write_geojson(label_features(classes, objects, self.class_names, str(meta["filename_or_obj"])), path)
 
@@ -209,3 +217,30 @@ class WriteDicomSegd(_WriteBeside):
         if meta["format"] != "dicom":
             raise ValueError(f"{source}: a DICOM SEG is made for DICOM inputs, not {meta['format']}")
         return write_dicom_seg(classes, source, self.class_names, path, version=self.version)
+
+
+class AllOrNothing(Compose):
+    """``Compose`` of the transforms that make and write one input's outputs: if one of them
+    fails, the files the earlier ones wrote (their ``*_path`` entries) are removed before the
+    error goes on, so an input that failed leaves no partial outputs behind. (MONAI Label runs
+    the transforms one by one, as with any ``Compose``.)"""
+
+    def __call__(
+        self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, lazy: bool | None = None
+    ) -> Any:
+        data = input_
+        try:
+            for transform in self.transforms[start:end]:
+                data = apply_transform(transform, data, self.map_items, self.unpack_items, log_stats=self.log_stats)
+        except Exception:
+            _remove_written(data, input_)
+            raise
+        return data
+
+
+def _remove_written(data: Any, before: Any) -> None:
+    if not isinstance(data, Mapping) or not isinstance(before, Mapping):
+        return
+    for key, value in data.items():
+        if key.endswith("_path") and key not in before and isinstance(value, str):
+            Path(value).unlink(missing_ok=True)
