@@ -72,6 +72,8 @@ class PTSAMModel(mlflow.pyfunc.PythonModel):
             if screening.failures:
                 raise ValueError("; ".join(screening.failures))
             parser.get_parsed_content("evaluator").run()
+            if screening.failures:  # a file that failed during inference
+                raise ValueError("; ".join(screening.failures))
             written = dict(screening.written)
             return [np.asarray(read_image(written[p], as_label=True)[0][0]) for p in paths]
 

@@ -9,9 +9,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from scripts.data.io import read_image
-from scripts.data.io.dicom_seg import write_dicom_seg
+from scripts.data.io.dicom_seg import check_seg_source, write_dicom_seg
 from scripts.data.io.readers import ImageReadError, series_files
 
 
@@ -69,3 +70,51 @@ def test_a_source_without_frame_of_reference_is_refused(synthetic, tmp_path):
     image, _ = read_image(str(series))
     with pytest.raises(ImageReadError, match="no FrameOfReferenceUID"):
         write_dicom_seg(_label(image), str(series), ["tissue", "marker"], tmp_path / "x.dcm")
+
+
+# Type 2 patient and study attributes (present, maybe empty) that anonymisers often remove.
+ANONYMISED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def test_an_anonymised_series_gets_a_seg_with_those_attributes_empty(synthetic, tmp_path):
+    series = Path(shutil.copytree(_series(synthetic), tmp_path / "series"))
+    for file in series.iterdir():
+        ds = pydicom.dcmread(file)
+        for keyword in (*ANONYMISED, "Modality"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(file)
+    image, _ = read_image(str(series))
+    label = _label(image)
+    check_seg_source(str(series))
+    seg = hd.seg.segread(write_dicom_seg(label, str(series), ["tissue", "marker"], tmp_path / "seg.dcm"))
+    assert all(keyword in seg and str(seg.get(keyword) or "") == "" for keyword in ANONYMISED)
+    sources = [pydicom.dcmread(f) for f in series_files(str(series))]
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert not any(keyword in ds for ds in sources for keyword in (*ANONYMISED, "Modality"))  # files untouched
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in sources], combine_segments=True
+    )
+    assert np.array_equal(masks, np.transpose(label, (2, 1, 0)))
+
+
+def test_a_multiframe_instance_is_refused_from_its_header(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    ds.FrameOfReferenceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "mf.dcm")
+    with pytest.raises(ValueError, match=r"mf.dcm: a multi-frame instance \(2 frames\)"):
+        check_seg_source(str(tmp_path / "mf.dcm"))
+    label = np.zeros((100, 100, 2), np.int64)
+    with pytest.raises(ValueError, match="a multi-frame instance"):
+        write_dicom_seg(label, str(tmp_path / "mf.dcm"), ["tissue"], tmp_path / "x.dcm")
+    assert not (tmp_path / "x.dcm").exists()

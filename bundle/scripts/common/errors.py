@@ -41,12 +41,24 @@ def is_check(err: BaseException) -> bool:
     return isinstance(err, _CHECKS) and not isinstance(err, NotImplementedError) and _raised_by_the_bundle(err)
 
 
+def debugging() -> bool:
+    """Whether ``PTSAM_DEBUG`` asks for tracebacks."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def reason(err: BaseException) -> str:
+    """What went wrong, for a user: the bundle's own message where the chain of errors holds one,
+    else the first error of the chain with its type (a library's error, or a bug)."""
+    errors = chain(err)
+    check = next((e for e in errors if is_check(e)), None)
+    return str(check) if check is not None else f"{type(errors[-1]).__name__}: {errors[-1]}"
+
+
 def report(kind: type[BaseException], err: BaseException, tb: TracebackType | None) -> None:
     """``sys.excepthook`` for the bundle's command line (see the module doc)."""
     errors = chain(err)
     check = next((e for e in errors if is_check(e)), None)  # the outermost: it may wrap an OSError
-    debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
-    if debug or check is None:
+    if debugging() or check is None:
         sys.__excepthook__(kind, err, tb)
         last = check or errors[-1]
         if last is not err:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import Compose, MapTransform, apply_transform
 from scipy import ndimage
 
 from ..common.flags import flag
@@ -213,3 +213,30 @@ class WriteDicomSegd(_WriteBeside):
         if meta["format"] != "dicom":
             raise ValueError(f"{source}: a DICOM SEG is made for DICOM inputs, not {meta['format']}")
         return write_dicom_seg(classes, source, self.class_names, path, version=self.version)
+
+
+class AllOrNothing(Compose):
+    """``Compose`` of the transforms that make and write one input's outputs: if one of them
+    fails, the files the earlier ones wrote (their ``*_path`` entries) are removed before the
+    error goes on, so an input that failed leaves no partial outputs behind. (MONAI Label runs
+    the transforms one by one, as with any ``Compose``.)"""
+
+    def __call__(
+        self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, lazy: bool | None = None
+    ) -> Any:
+        data = input_
+        try:
+            for transform in self.transforms[start:end]:
+                data = apply_transform(transform, data, self.map_items, self.unpack_items, log_stats=self.log_stats)
+        except Exception:
+            _remove_written(data, input_)
+            raise
+        return data
+
+
+def _remove_written(data: Any, before: Any) -> None:
+    if not isinstance(data, Mapping) or not isinstance(before, Mapping):
+        return
+    for key, value in data.items():
+        if key.endswith("_path") and key not in before and isinstance(value, str):
+            Path(value).unlink(missing_ok=True)

@@ -164,6 +164,16 @@ class SamIntensityd(MapTransform):
         return d
 
 
+def channel_problem(n_channels: int, channels: Sequence[int] | None = None) -> str | None:
+    """Why ``SamChannelsd`` refuses an image of ``n_channels`` (None if it does not): screening
+    asks this of each file's header before any inference."""
+    if channels is not None and max(channels) >= n_channels:
+        return f"has {n_channels} channels; `channels` asks for {list(channels)}"
+    if channels is None and n_channels > 3:
+        return f"has {n_channels} channels; choose 3 with `channels`, e.g. [0, 1, 2]"
+    return None
+
+
 class SamChannelsd(MapTransform):
     """Give SAM its 3 channels: grayscale repeated, 2 channels as red and green, 3 kept.
 
@@ -180,17 +190,15 @@ class SamChannelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             x = d[key]
-            name = meta_of(d, key).get("filename_or_obj", key)
+            problem = channel_problem(x.shape[0], self.channels)
+            if problem:
+                raise ValueError(f"{meta_of(d, key).get('filename_or_obj', key)}: {problem}")
             if self.channels is not None:
-                if max(self.channels) >= x.shape[0]:
-                    raise ValueError(f"{name}: has {x.shape[0]} channels; `channels` asks for {self.channels}")
                 x = x[self.channels]
             if x.shape[0] == 1:
                 x = x.repeat(3, *([1] * (x.ndim - 1)))
             elif x.shape[0] == 2:
                 x = torch.cat([x, torch.zeros_like(x[:1])])
-            elif x.shape[0] > 3:
-                raise ValueError(f"{name}: has {x.shape[0]} channels; choose 3 with `channels`, e.g. [0, 1, 2]")
             d[key] = x
         return d
 

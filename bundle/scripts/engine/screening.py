@@ -1,5 +1,11 @@
-"""Inference over many files: bad files are reported and skipped, the rest processed, and the
-run ends with a summary and a non-zero exit status if anything failed."""
+"""Inference over many files, each on its own: bad files are reported and skipped, the rest
+written, and the run ends with a summary and exit status 1 if anything failed.
+
+What headers can tell is checked before any inference (``Screening``). A file that fails later
+(reading or preprocessing in ``PerFileDataset``, the network or the postprocessing and writing
+in ``PerFileEvaluator``) becomes a failure record ``{"image": <file>, "failure": <reason>}`` in
+place of its outputs (``AllOrNothing`` removes what it had written) and the next file runs.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ignite.engine import Engine, Events
+from monai.data import Dataset
+from monai.engines import SupervisedEvaluator
 
+from ..common.errors import debugging, reason
 from ..common.flags import flag
-from ..data.datasets import DEFAULT_MAX_VOXELS, check_case
+from ..data.datasets import DEFAULT_MAX_VOXELS, DatasetError, check_case
 from ..data.io import probe_image
+from ..data.io.dicom_seg import check_seg_source
+from ..data.transforms import channel_problem
 
 logger = logging.getLogger(__name__)
 
+FAILURE = "failure"  # the key of a failed file's record
+
 
 class Screening:
-    """Checks every input before inference starts (headers, then pixels); ``good`` lists
-    the cases to run, ``failures`` the others with their problems."""
+    """Checks every input before inference starts (headers, then pixels); ``good`` lists the
+    cases to run, ``failures`` the others with their problems. Attached to the evaluator, it
+    collects what each iteration wrote or why it failed; ``finish`` reports."""
 
     def __init__(
         self,
@@ -26,13 +40,14 @@ class Screening:
         max_voxels: int = DEFAULT_MAX_VOXELS,
         only_2d: bool = False,
         only_dicom: bool = False,
+        channels: Sequence[int] | None = None,
     ):
         self.good: list[dict] = []
         self.failures: list[str] = []
         for item in items:
             problems = check_case(item, max_voxels=max_voxels, require_label=False)
             if not problems:
-                problems = _unfit(item["image"], flag(only_2d), flag(only_dicom))
+                problems = header_problems(item["image"], channels, flag(only_2d), flag(only_dicom))
             if problems:
                 self.failures += problems
                 logger.error("skipped: %s", "; ".join(problems))
@@ -47,7 +62,9 @@ class Screening:
 
     def _collect(self, engine: Engine) -> None:
         for item in engine.state.output:
-            if "pred_path" in item:
+            if FAILURE in item:
+                self.failures.append(item[FAILURE])
+            elif "pred_path" in item:
                 self.written.append((str(item["image"].meta["filename_or_obj"]), item["pred_path"]))
 
     def finish(self) -> None:
@@ -61,15 +78,83 @@ class Screening:
             raise SystemExit(1)
 
 
-def _unfit(image: str, only_2d: bool, only_dicom: bool) -> list[str]:
-    """Inputs an asked-for output cannot be made of (polygons of a volume, a SEG of a PNG)."""
-    if not (only_2d or only_dicom):
-        return []
+def header_problems(
+    image: str, channels: Sequence[int] | None = None, only_2d: bool = False, only_dicom: bool = False
+) -> list[str]:
+    """What an input's headers say a later step would refuse: channels the preprocessing cannot
+    take, GeoJSON polygons (``only_2d``) of a volume, a DICOM SEG (``only_dicom``) of another
+    format or of a series it cannot reference (a multi-frame instance, no frame of reference)."""
     probe = probe_image(image)
     problems = []
-    if only_2d and len(probe["spatial_shape"]) != 2:
-        shape = probe["spatial_shape"]
+    problem = channel_problem(probe["channels"], channels)
+    if problem:
+        problems.append(f"{image}: {problem}")
+    shape = probe["spatial_shape"]
+    if only_2d and sum(n > 1 for n in shape) > 2:
         problems.append(f"{image}: a volume {shape}; GeoJSON polygons (geojson: true) are for 2D images")
     if only_dicom and probe["format"] != "dicom":
         problems.append(f"{image}: a {probe['format']} file; a DICOM SEG (dicom_seg: true) is made for DICOM inputs")
+    elif only_dicom:
+        try:
+            check_seg_source(image)
+        except ValueError as err:
+            detail = str(err).removeprefix(f"{image}: ")  # a file of a series keeps its name
+            problems.append(f"{image}: no DICOM SEG (dicom_seg: true) can be made: {detail}")
     return problems
+
+
+def check_inputs(items: Sequence[Mapping[str, Any]], channels: Sequence[int] | None = None) -> None:
+    """Evaluation and training: refuse before any work, naming each file, the inputs the
+    preprocessing would stop on (an evaluation of the rest would score a subset unannounced)."""
+    problems = [p for item in items for p in header_problems(item["image"], channels)]
+    if problems:
+        raise DatasetError(problems)
+
+
+def failure(image: Any, err: BaseException) -> dict:
+    """The record of an input that failed, its reason naming the file."""
+    why = reason(err)
+    message = why if str(image) in why else f"{image}: {why}"
+    logger.error("failed %s", message, exc_info=err if debugging() else None)
+    return {"image": str(image), FAILURE: message}
+
+
+class PerFileDataset(Dataset):
+    """MONAI's ``Dataset`` whose item is a failure record, not an error ending the run, when its
+    file fails to load or preprocess."""
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as err:
+            return failure(self.data[index]["image"], err)
+
+
+class PerFileEvaluator(SupervisedEvaluator):
+    """``SupervisedEvaluator`` over one file per iteration (the data loader's ``batch_size`` is 1;
+    a volume's slices are batched by the inferer). A failure record from ``PerFileDataset``
+    passes through; an error in the network or the postprocessing becomes one, and the next
+    file runs. The iteration's output is the list of per-file dicts either way."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if getattr(self.data_loader, "batch_size", 1) != 1:
+            raise ValueError(
+                f"one file per iteration: the data loader's batch_size must be 1, not {self.data_loader.batch_size}"
+            )
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> list[dict]:
+        if FAILURE in batchdata:  # collated: one entry per file
+            return [
+                {"image": image, FAILURE: why}
+                for image, why in zip(batchdata["image"], batchdata[FAILURE], strict=True)
+            ]
+        try:
+            return super()._iteration(engine, batchdata)
+        except Exception as err:
+            return [failure(_source(batchdata), err)]
+
+
+def _source(batch: Mapping[str, Any]) -> str:
+    names = getattr(batch.get("image"), "meta", {}).get("filename_or_obj", ["an input"])
+    return str(names[0] if isinstance(names, (list, tuple)) else names)

@@ -17,16 +17,49 @@ import numpy as np
 from ...common.files import atomic_write
 from .readers import ImageReadError, series_files
 
+# What highdicom copies from the first source into every SEG: Type 2 attributes of the Patient
+# and General Study modules (present, possibly empty) and the Modality. An anonymised series may
+# lack them; its SEG then carries them empty (Modality: OT, other).
+_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 
-def _source_datasets(image: str) -> list[Any]:
+
+def _source_datasets(image: str, pixels: bool = True) -> list[Any]:
+    """The series' datasets as read (copies: the files are not touched), refused where a SEG
+    cannot reference them, absent patient and study attributes filled in empty."""
     import pydicom
 
-    datasets = [pydicom.dcmread(f) for f in series_files(image)]
+    datasets = [pydicom.dcmread(f, stop_before_pixels=not pixels) for f in series_files(image)]
     for ds, name in ((ds, getattr(ds, "filename", image)) for ds in datasets):
+        frames = int(ds.get("NumberOfFrames") or 1)
+        if frames > 1:  # the SEG's frames follow the source instances, one frame each
+            raise ValueError(
+                f"{name}: a multi-frame instance ({frames} frames); a DICOM SEG is written for series "
+                "of single-frame instances"
+            )
         for keyword in ("FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             if not getattr(ds, keyword, None):
                 raise ImageReadError(f"{name}: no {keyword}; a DICOM SEG cannot reference this image")
+        for keyword in _TYPE_2:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        if not ds.get("Modality"):
+            ds.Modality = "OT"
     return datasets
+
+
+def check_seg_source(image: str) -> None:
+    """Refuse, from the headers alone, a DICOM series no SEG can be written for (before inference)."""
+    _source_datasets(image, pixels=False)
 
 
 def segment_descriptions(class_names: Sequence[str], algorithm: str, version: str) -> list[Any]:

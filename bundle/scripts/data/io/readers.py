@@ -73,6 +73,10 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
         data = np.asanyarray(img.dataobj)  # applies the scaling; reads everything
     except Exception as err:  # truncated .nii.gz raises EOFError, OSError or zlib errors
         raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
+    stored = tuple(int(n) for n in img.shape[:3])
+    if data.dtype.names:  # RGB24 / RGBA32: a uint8 record a voxel; its colours as channels, alpha dropped
+        data = np.stack([data[name] for name in data.dtype.names[:3]], axis=-1)
+        data = data[:, :, None] if data.ndim == 3 else data  # a 2D colour image: (X, Y, 1, 3)
     if data.ndim not in (2, 3, 4):
         raise _fail(path, f"unsupported NIfTI dimensionality {data.shape}: 2D, 3D or 3D + channels expected")
     affine, plane = np.asarray(img.affine, dtype=np.float64), _nifti_plane(data.shape)
@@ -86,17 +90,18 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
         affine[:, :3] = affine[:, [*plane, thin]]
     elif data.ndim > 2:
         axial = axial_axis_of(affine)
-    return array, _meta(path, "nifti", array, affine, axial, nifti_shape=tuple(int(s) for s in data.shape[:3]))
+    return array, _meta(path, "nifti", array, affine, axial, nifti_shape=stored)
 
 
 def _probe_nifti(path: Path) -> tuple[tuple[int, ...], int]:
     import nibabel as nib
 
     try:
-        shape = tuple(nib.load(str(path)).shape)
+        img = nib.load(str(path))
+        shape, colours = tuple(img.shape), img.get_data_dtype().names
     except Exception as err:
         raise _fail(path, f"unreadable NIfTI file ({_reason(err)})") from err
-    channels = shape[3] if len(shape) == 4 else 1
+    channels = min(len(colours), 3) if colours else shape[3] if len(shape) == 4 else 1
     plane = _nifti_plane(shape)
     return (tuple(shape[a] for a in plane) if plane else shape[:3]), channels
 
