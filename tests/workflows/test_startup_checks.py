@@ -17,7 +17,7 @@ from monai.bundle import ConfigParser
 from helpers import BUNDLE, monai_bundle, training_until_first_epoch
 from scripts.common.errors import chain
 from scripts.common.files import check_writable
-from scripts.common.options import OptionError
+from scripts.common.options import OptionError, problems
 from scripts.engine.resume import check_state
 
 TRAIN = "configs/train.yaml"
@@ -59,6 +59,40 @@ def test_wrong_options_are_named_with_what_is_allowed(synthetic, tmp_path):
     ]
     assert "Traceback" not in done.stderr and "ConfigExpression" not in done.stderr
     assert not (tmp_path / "eval").exists()  # refused before any folder or data was touched
+
+
+def test_classes_must_match_num_classes(synthetic, tmp_path):
+    """A label value per class, and prompts that tell the classes apart: anything else trains a
+    class on the wrong pixels (or none) and scores it as if it were right."""
+    done = _train(synthetic, tmp_path, "--classes", "[1,2]")  # rods would train as background
+    assert done.returncode != 0
+    assert _last_lines(done, 2) == [
+        "Error: invalid option(s):",
+        "  --classes [1, 2]: 2 label value(s) for --num_classes 1",
+    ]
+    assert not (tmp_path / "eval").exists()
+    two = {"num_classes": 2, "class_names": ["cell", "rod"], "n_md_prompts": 8, "n_ie_prompts": 0}
+    assert problems({**two, "classes": [1, 2], "label_map": {255: 2, 128: 0}}) == []
+    assert problems({**two, "classes": [1]}) == ["--classes [1]: 1 label value(s) for --num_classes 2"]
+    assert problems({**two, "classes": [1, 2], "label_map": {255: 3}}) == [
+        "--label_map {255: 3}: maps to [3], neither background (0) nor among --classes [1, 2]"
+    ]
+    assert problems({**two, "classes": [0, 1]}) == [
+        "--classes [0, 1]: expected a list of distinct label values other than 0"
+    ]
+    assert problems({**two, "classes": [1, 1]}) == [
+        "--classes [1, 1]: expected a list of distinct label values other than 0"
+    ]
+    assert problems({**two, "classes": [1, 2], "n_md_prompts": 0, "n_ie_prompts": 8}) == [
+        "--n_md_prompts 0 with --num_classes 2: the classes differ only by their mask-decoder tokens; without "
+        "them every class gets the same mask"
+    ]
+    assert (
+        problems(
+            {**two, "num_classes": 1, "class_names": ["cell"], "classes": [1], "n_md_prompts": 0, "n_ie_prompts": 8}
+        )
+        == []
+    )
 
 
 def test_the_traceback_is_there_with_the_debug_switch(synthetic, tmp_path):
