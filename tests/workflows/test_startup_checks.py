@@ -1,6 +1,6 @@
 """What a run refuses before any work, and how it says so: wrong options, unwritable folders, a
-training state that cannot be read, a second training into the same folder; the bundle's own
-message is the last line printed, the traceback only with PTSAM_DEBUG=1."""
+training state that cannot be read or is another training's, a second training into the same
+folder; the bundle's own message is the last line printed, the traceback only with PTSAM_DEBUG=1."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from monai.bundle import ConfigParser
 
 from helpers import BUNDLE, monai_bundle, training_until_first_epoch
 from scripts.common.errors import chain
 from scripts.common.files import check_writable
 from scripts.common.options import OptionError, problems
+from scripts.demo.synthetic import generate
 from scripts.engine.resume import check_state
 
 TRAIN = "configs/train.yaml"
@@ -159,6 +161,33 @@ def test_an_unreadable_training_state_is_named_with_what_to_do(synthetic, tmp_pa
     with pytest.raises(ValueError, match="truncated or not a PyTorch file"):
         check_state(state)
     check_state(state, resume="false")  # not resumed: not read
+
+
+def test_a_training_state_of_another_training_is_refused_naming_what_differs(synthetic, tmp_path):
+    """Another dataset and learning rate into the same ckpt_dir: refused before any work (resuming
+    would go on with, or silently skip to the end of, the old training)."""
+    first = _train(synthetic, tmp_path, "--epochs", "1", "--tracking_enabled", "false")
+    assert first.returncode == 0, first.stderr[-3000:]
+    model, state = tmp_path / "models" / "model.pt", tmp_path / "models" / "training_state.ckpt"
+    before = model.read_bytes(), state.read_bytes()
+    other = tmp_path / "other"  # the same file names, other images
+    generate(str(other), seed=1, n_train=4, n_val=2, n_test=2, modalities="microscopy")
+    args = ["--dataset_dir", str(other / "microscopy"), "--learning_rate", "0.01", "--epochs", "2"]
+    done = _train(synthetic, tmp_path, *args, "--tracking_enabled", "false")
+    assert done.returncode != 0
+    names = ", ".join(f"cells_00{i}.tif" for i in range(3)) + ", ..."
+    assert _last_lines(done, 4) == [
+        f"Error: {state} holds the state of another training than this one; start over with `--resume false` (it "
+        f"is then replaced, and {model} with it), or train into another ckpt_dir. It differs in:",
+        "  --learning_rate 0.05 (now 0.01)",
+        f"  training cases: 4 changed ({names})",
+        "  validation cases: 2 changed (cells_004.tif, cells_005.tif)",
+    ]
+    assert "epoch" not in done.stdout and (model.read_bytes(), state.read_bytes()) == before
+    old = tmp_path / "old.ckpt"  # written before states recorded their training: not taken for this one
+    torch.save({"epoch": 1}, old)
+    with pytest.raises(ValueError, match="It records no identity"):
+        check_state(old, "true", {"seed": 0})
 
 
 def test_a_second_training_into_the_same_folder_refuses(synthetic, tmp_path):

@@ -25,7 +25,7 @@ CONFIGS = "['configs/train.yaml','configs/study.yaml']"
 _DERIVED = {
     "imports", "scripts", "image_size", "use_cache", "embedding_cache", "model_path", "state_path", "recipe",
     "tracking_run", "network_def", "network", "loss", "optimizer", "lr_scheduler", "preprocessing_head",
-    "train", "validate", "options", "initialize", "run", "training",
+    "train", "validate", "options", "initialize", "run", "training", "training_identity",
 }  # fmt: skip
 # What each cell sets for itself (scripts.engine.study.Study._cell_parser).
 _PER_CELL = {
