@@ -16,6 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
+from monai.optimizers import WarmupCosineSchedule
 
 from helpers import BUNDLE, REPO, monai_bundle, quiet, training_until_first_epoch
 from scripts.data.io import read_image
@@ -81,6 +82,33 @@ def test_training_is_tracked_in_the_local_store(synthetic, tmp_path):
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(_runs(_store(tmp_path))[1]) == 2
+
+
+def _warmup_cosine(t_total: int, steps: int) -> list[float]:
+    """train.yaml's schedule (lr 0.05, 4 warm-up steps) at steps 0..steps-1, computed apart."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    schedule = WarmupCosineSchedule(optimizer, warmup_steps=4, t_total=t_total, warmup_multiplier=0.1)
+    return [0.05 * schedule.lr_lambda(step) for step in range(steps)]
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(synthetic, tmp_path):
+    """`lr` at step i is the rate step i trained with (the scheduler moves it on once the step is
+    done), and a training resumed with more epochs runs its schedule to the new end."""
+    args = ["--config_file", TRAIN, *_args(synthetic, tmp_path, "--batch_size", "1", "--warmup_epochs", "1")]
+    first = monai_bundle("run", "training", *args, "--epochs", "1")  # 4 images, batch 1: 4 steps an epoch
+    assert first.returncode == 0, first.stderr[-3000:]
+    more = monai_bundle("run", "training", *args, "--epochs", "2")
+    assert more.returncode == 0, more.stderr[-3000:]
+    client, (run,) = _runs(_store(tmp_path))  # the resumed training continues its run
+    history = sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, 9))
+    logged = [m.value for m in history]
+    assert logged[0] == pytest.approx(0.005)  # the warm-up's first rate, 0.1 x 0.05
+    assert logged[:4] == pytest.approx(_warmup_cosine(4, 4))  # epoch 1, planned as the whole training
+    assert logged[4:] == pytest.approx(_warmup_cosine(8, 8)[4:])  # epoch 2, on a schedule to its new end
+    assert "--epochs 2 (was 1): the learning-rate schedule now ends at epoch 2" in more.stdout
+    assert "epoch 1/1  loss " in first.stdout and f"lr {logged[0]:.2e} to {logged[3]:.2e}" in first.stdout
+    assert f"lr {logged[4]:.2e} to {logged[7]:.2e}" in more.stdout
 
 
 def test_evaluation_is_tracked(synthetic, tmp_path):

@@ -1,6 +1,6 @@
 """What a run refuses before any work, and how it says so: wrong options, unwritable folders, a
-training state that cannot be read, a second training into the same folder; the bundle's own
-message is the last line printed, the traceback only with PTSAM_DEBUG=1."""
+training state that cannot be read or is another training's, a second training into the same
+folder; the bundle's own message is the last line printed, the traceback only with PTSAM_DEBUG=1."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from monai.bundle import ConfigParser
 
 from helpers import BUNDLE, monai_bundle, training_until_first_epoch
 from scripts.common.errors import chain
 from scripts.common.files import check_writable
-from scripts.common.options import OptionError
+from scripts.common.options import OptionError, problems
+from scripts.demo.synthetic import generate
 from scripts.engine.resume import check_state
 
 TRAIN = "configs/train.yaml"
@@ -59,6 +61,40 @@ def test_wrong_options_are_named_with_what_is_allowed(synthetic, tmp_path):
     ]
     assert "Traceback" not in done.stderr and "ConfigExpression" not in done.stderr
     assert not (tmp_path / "eval").exists()  # refused before any folder or data was touched
+
+
+def test_classes_must_match_num_classes(synthetic, tmp_path):
+    """A label value per class, and prompts that tell the classes apart: anything else trains a
+    class on the wrong pixels (or none) and scores it as if it were right."""
+    done = _train(synthetic, tmp_path, "--classes", "[1,2]")  # rods would train as background
+    assert done.returncode != 0
+    assert _last_lines(done, 2) == [
+        "Error: invalid option(s):",
+        "  --classes [1, 2]: 2 label value(s) for --num_classes 1",
+    ]
+    assert not (tmp_path / "eval").exists()
+    two = {"num_classes": 2, "class_names": ["cell", "rod"], "n_md_prompts": 8, "n_ie_prompts": 0}
+    assert problems({**two, "classes": [1, 2], "label_map": {255: 2, 128: 0}}) == []
+    assert problems({**two, "classes": [1]}) == ["--classes [1]: 1 label value(s) for --num_classes 2"]
+    assert problems({**two, "classes": [1, 2], "label_map": {255: 3}}) == [
+        "--label_map {255: 3}: maps to [3], neither background (0) nor among --classes [1, 2]"
+    ]
+    assert problems({**two, "classes": [0, 1]}) == [
+        "--classes [0, 1]: expected a list of distinct label values other than 0"
+    ]
+    assert problems({**two, "classes": [1, 1]}) == [
+        "--classes [1, 1]: expected a list of distinct label values other than 0"
+    ]
+    assert problems({**two, "classes": [1, 2], "n_md_prompts": 0, "n_ie_prompts": 8}) == [
+        "--n_md_prompts 0 with --num_classes 2: the classes differ only by their mask-decoder tokens; without "
+        "them every class gets the same mask"
+    ]
+    assert (
+        problems(
+            {**two, "num_classes": 1, "class_names": ["cell"], "classes": [1], "n_md_prompts": 0, "n_ie_prompts": 8}
+        )
+        == []
+    )
 
 
 def test_the_traceback_is_there_with_the_debug_switch(synthetic, tmp_path):
@@ -125,6 +161,33 @@ def test_an_unreadable_training_state_is_named_with_what_to_do(synthetic, tmp_pa
     with pytest.raises(ValueError, match="truncated or not a PyTorch file"):
         check_state(state)
     check_state(state, resume="false")  # not resumed: not read
+
+
+def test_a_training_state_of_another_training_is_refused_naming_what_differs(synthetic, tmp_path):
+    """Another dataset and learning rate into the same ckpt_dir: refused before any work (resuming
+    would go on with, or silently skip to the end of, the old training)."""
+    first = _train(synthetic, tmp_path, "--epochs", "1", "--tracking_enabled", "false")
+    assert first.returncode == 0, first.stderr[-3000:]
+    model, state = tmp_path / "models" / "model.pt", tmp_path / "models" / "training_state.ckpt"
+    before = model.read_bytes(), state.read_bytes()
+    other = tmp_path / "other"  # the same file names, other images
+    generate(str(other), seed=1, n_train=4, n_val=2, n_test=2, modalities="microscopy")
+    args = ["--dataset_dir", str(other / "microscopy"), "--learning_rate", "0.01", "--epochs", "2"]
+    done = _train(synthetic, tmp_path, *args, "--tracking_enabled", "false")
+    assert done.returncode != 0
+    names = ", ".join(f"cells_00{i}.tif" for i in range(3)) + ", ..."
+    assert _last_lines(done, 4) == [
+        f"Error: {state} holds the state of another training than this one; start over with `--resume false` (it "
+        f"is then replaced, and {model} with it), or train into another ckpt_dir. It differs in:",
+        "  --learning_rate 0.05 (now 0.01)",
+        f"  training cases: 4 changed ({names})",
+        "  validation cases: 2 changed (cells_004.tif, cells_005.tif)",
+    ]
+    assert "epoch" not in done.stdout and (model.read_bytes(), state.read_bytes()) == before
+    old = tmp_path / "old.ckpt"  # written before states recorded their training: not taken for this one
+    torch.save({"epoch": 1}, old)
+    with pytest.raises(ValueError, match="It records no identity"):
+        check_state(old, "true", {"seed": 0})
 
 
 def test_a_second_training_into_the_same_folder_refuses(synthetic, tmp_path):

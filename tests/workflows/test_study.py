@@ -25,7 +25,7 @@ CONFIGS = "['configs/train.yaml','configs/study.yaml']"
 _DERIVED = {
     "imports", "scripts", "image_size", "use_cache", "embedding_cache", "model_path", "state_path", "recipe",
     "split_record", "tracking_run", "network_def", "network", "loss", "optimizer", "lr_scheduler", "preprocessing_head",
-    "train", "validate", "options", "initialize", "run", "training",
+    "train", "validate", "options", "initialize", "run", "training", "training_identity",
 }  # fmt: skip
 # What each cell sets for itself (scripts.engine.study.Study._cell_parser).
 _PER_CELL = {
@@ -60,6 +60,17 @@ def test_a_grid_that_cannot_work_is_refused_before_any_work(synthetic, tmp_path)
         "cases are held out)",
         "  --grid_md_prompts []: expected a non-empty list of distinct integers >= 0",
         "  --grid_seeds [0, 0]: expected a non-empty list of distinct integers",
+    ]
+    assert not (tmp_path / "eval").exists()
+    # several classes: the cells without mask-decoder tokens would give every class the same mask
+    two = ["--num_classes", "2", "--classes", "[1,2]", "--class_names", "['cell','rod']"]
+    extra = [*two, "--grid_shots", "[2]", "--grid_md_prompts", "[0,8]", "--grid_ie_prompts", "[8]"]
+    done = monai_bundle(*_study(synthetic / "cells_rods", tmp_path / "eval", *extra))
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-2:] == [
+        "Error: invalid study grid:",
+        "  --grid_md_prompts [0, 8] with --num_classes 2: the classes differ only by their mask-decoder tokens; "
+        "the cells with 0 would give every class the same mask",
     ]
     assert not (tmp_path / "eval").exists()
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,13 +185,46 @@ def test_two_classes_each_learn(generalist, tmp_path):
         assert after - before >= 0.3
 
 
-def test_training_on_volumes_and_determinism(synthetic, tmp_path):
-    runs = []
-    for name in ("a", "b"):
-        out = tmp_path / name
-        args = _train_args(synthetic / "ct", out, "--epochs", "2", "--intensity", "window", "--slices_per_volume", "2")
-        done = monai_bundle("run", "training", *args)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(torch.load(out / "models" / "training_state.ckpt", weights_only=True)["network"])
-    # same seed, same data: the same prompts, bit for bit
-    assert torch.equal(runs[0]["md_prompts.tokens"], runs[1]["md_prompts.tokens"])
+def _killed_after_epoch(epoch: int, overrides: dict) -> subprocess.CompletedProcess:
+    """train.yaml's training with ``overrides``, its process ended abruptly (``os._exit``, as by a
+    SIGKILL) right after epoch ``epoch``'s training state is saved."""
+    script = f"""
+import json, os, sys
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+parser = ConfigParser()
+parser.read_config("{TRAIN}")
+parser.update(json.loads(sys.argv[1]))
+parser.get_parsed_content("initialize")
+trainer = parser.get_parsed_content("train#trainer")
+# attached at start, after the training state's save: the state of epoch {epoch} is on disk
+trainer.add_event_handler(
+    Events.STARTED, lambda t: t.add_event_handler(Events.EPOCH_COMPLETED(once={epoch}), lambda t: os._exit(9))
+)
+trainer.run()
+"""
+    command = [sys.executable, "-W", "ignore", "-c", script, json.dumps(overrides)]
+    return subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, errors="replace", timeout=600)
+
+
+def test_training_on_volumes_is_deterministic_and_resumes_exactly(synthetic, tmp_path):
+    """Same seed, same data: the same prompts bit for bit, also when the training was killed after
+    an epoch and resumed. The slices sampled from each volume come from the random transforms' own
+    generators, which the training state saves with torch's."""
+    knobs = {"epochs": 3, "intensity": "window", "slices_per_volume": 2, "tracking_enabled": False}
+    args = [a for k, v in knobs.items() for a in (f"--{k}", str(v).lower())]
+    whole = monai_bundle("run", "training", *_train_args(synthetic / "ct", tmp_path / "a", *args))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "b"
+    paths = {"dataset_dir": str(synthetic / "ct"), "output_dir": str(out / "eval"), "ckpt_dir": str(out / "models")}
+    killed = _killed_after_epoch(1, {**knobs, **paths, "sam_variant": "tiny"})
+    state = out / "models" / "training_state.ckpt"
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    resumed = monai_bundle("run", "training", *_train_args(synthetic / "ct", out, *args))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {state}: epoch 1 of 3 done" in resumed.stdout
+    runs = [torch.load(o / "models" / "training_state.ckpt", weights_only=True) for o in (tmp_path / "a", out)]
+    assert runs[0]["epoch"] == runs[1]["epoch"] == 3
+    assert torch.equal(runs[0]["network"]["md_prompts.tokens"], runs[1]["network"]["md_prompts.tokens"])
+    assert torch.equal(runs[0]["random"]["transforms"][0]["keys"], runs[1]["random"]["transforms"][0]["keys"])

@@ -62,6 +62,27 @@ def _names() -> Callable[[Any], str | None]:
     return rule
 
 
+def _whole(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
+def _class_values() -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        ok = isinstance(value, (list, tuple)) and value and all(_whole(v) and v != 0 for v in value)
+        return None if ok and len(set(value)) == len(value) else "a list of distinct label values other than 0"
+
+    return rule
+
+
+def _value_map() -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        ok = isinstance(value, Mapping) and all(_whole(v) for v in value.values())
+        ok = ok and all(_whole(k) or (isinstance(k, str) and k.strip().lstrip("-").isdigit()) for k in value)
+        return None if ok else "a mapping of label values to label values, for example {255: 1}"
+
+    return rule
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "epochs": _integer(1),
     "batch_size": _integer(1),
@@ -74,6 +95,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "n_ie_prompts": _integer(0),
     "num_classes": _integer(1),
     "class_names": _names(),
+    "classes": _class_values(),
+    "label_map": _value_map(),
     "slices_per_volume": _integer(1),
     "fg_fraction": _number(0, 1),
     "test_fraction": _number(0, 1, open_high=True),
@@ -102,15 +125,39 @@ def problems(options: Mapping[str, Any]) -> list[str]:
         allowed = None if value is None else RULES[knob](value)
         if allowed:
             found.append(f"--{knob} {value!r}: expected {allowed}")
-    md, ie = options.get("n_md_prompts"), options.get("n_ie_prompts")
+    md, ie, count = options.get("n_md_prompts"), options.get("n_ie_prompts"), options.get("num_classes")
     if md == 0 and ie == 0:
         found.append("--n_md_prompts 0 with --n_ie_prompts 0: no prompt tokens, nothing to learn or apply")
+    elif md == 0 and isinstance(count, int) and count > 1:
+        found.append(
+            f"--n_md_prompts 0 with --num_classes {count}: the classes differ only by their mask-decoder "
+            "tokens; without them every class gets the same mask"
+        )
+    if found:  # the checks below compare knobs that are each right
+        return found
     lo, hi = options.get("a_min"), options.get("a_max")
-    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and not found and lo >= hi:
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo >= hi:
         found.append(f"--a_min {lo!r} with --a_max {hi!r}: the CT window needs a_min < a_max")
-    names, count = options.get("class_names"), options.get("num_classes")
-    if isinstance(names, (list, tuple)) and isinstance(count, int) and not found and len(names) != count:
+    return found + _class_problems(options)
+
+
+def _class_problems(options: Mapping[str, Any]) -> list[str]:
+    """``class_names`` and ``classes`` (one per class) against ``num_classes``, and ``label_map``'s
+    values against ``classes``: each mismatch would train or score a class on the wrong pixels."""
+    found = []
+    count, names, classes = options.get("num_classes"), options.get("class_names"), options.get("classes")
+    if isinstance(names, (list, tuple)) and isinstance(count, int) and len(names) != count:
         found.append(f"--class_names {list(names)!r}: {len(names)} name(s) for --num_classes {count}")
+    if isinstance(classes, (list, tuple)) and isinstance(count, int) and len(classes) != count:
+        found.append(f"--classes {list(classes)!r}: {len(classes)} label value(s) for --num_classes {count}")
+    label_map = options.get("label_map")
+    if isinstance(classes, (list, tuple)) and isinstance(label_map, Mapping):
+        stray = sorted({v for v in label_map.values() if v != 0 and v not in classes})
+        if stray:
+            found.append(
+                f"--label_map {dict(label_map)!r}: maps to {stray}, neither background (0) nor among "
+                f"--classes {list(classes)!r}"
+            )
     return found
 
 

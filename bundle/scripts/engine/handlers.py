@@ -110,22 +110,29 @@ class EarlyStopping:
 
 
 class EpochSummary:
-    """One line per epoch (mean training loss, learning rate, time) and one per validation."""
+    """One line per epoch (mean training loss, the learning rates its steps used, time) and one
+    per validation."""
 
     def __init__(self, evaluator: Engine | None = None, optimizer: Any = None):
         self.evaluator, self.optimizer = evaluator, optimizer
         self.losses: list[float] = []
+        self.rates: list[float] = []
         self.start = time.time()
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        trainer.add_event_handler(Events.ITERATION_STARTED, self._rate)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._report)
         if self.evaluator is not None:
             on_validation(trainer, self.evaluator, self._validated)
 
     def _reset(self, trainer: Engine) -> None:
-        self.losses, self.start = [], time.time()
+        self.losses, self.rates, self.start = [], [], time.time()
+
+    def _rate(self, trainer: Engine) -> None:
+        if self.optimizer is not None:  # before the step: the scheduler moves it on when the step completes
+            self.rates.append(learning_rate(self.optimizer))
 
     def _collect(self, trainer: Engine) -> None:
         loss = iteration_loss(trainer)
@@ -136,8 +143,9 @@ class EpochSummary:
         parts = [f"epoch {trainer.state.epoch}/{trainer.state.max_epochs}"]
         if self.losses:
             parts.append(f"loss {sum(self.losses) / len(self.losses):.4f}")
-        if self.optimizer is not None:
-            parts.append(f"lr {self.optimizer.param_groups[0]['lr']:.2e}")
+        if self.rates:
+            first, last = self.rates[0], self.rates[-1]
+            parts.append(f"lr {first:.2e}" + (f" to {last:.2e}" if last != first else ""))
         parts.append(f"{time.time() - self.start:.1f} s")
         logger.info("  ".join(parts))
 
@@ -173,6 +181,11 @@ def iteration_loss(trainer: Engine) -> float | None:
     output = trainer.state.output
     item = output[0] if isinstance(output, list) else output
     return float(item["loss"]) if isinstance(item, Mapping) and "loss" in item else None
+
+
+def learning_rate(optimizer: Any) -> float:
+    """The rate of the optimiser's first parameter group (read before a step: the one it uses)."""
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

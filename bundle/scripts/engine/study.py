@@ -136,7 +136,9 @@ def _list_problems(name: str, values: Any, low: int | None) -> list[str]:
     return []
 
 
-def _grid_problems(n_training: int, shots: Any, md_prompts: Any, ie_prompts: Any, seeds: Any) -> list[str]:
+def _grid_problems(
+    n_training: int, shots: Any, md_prompts: Any, ie_prompts: Any, seeds: Any, num_classes: Any = 1
+) -> list[str]:
     """What makes the grid impossible, each as '--knob value: why'."""
     shots_bad = _list_problems("grid_shots", shots, 1)
     md_bad, ie_bad = _list_problems("grid_md_prompts", md_prompts, 0), _list_problems("grid_ie_prompts", ie_prompts, 0)
@@ -151,6 +153,11 @@ def _grid_problems(n_training: int, shots: Any, md_prompts: Any, ie_prompts: Any
         found.append(
             f"--grid_md_prompts {list(md_prompts)!r} with --grid_ie_prompts {list(ie_prompts)!r}: "
             "the cell with 0 and 0 has no prompt tokens, nothing to learn"
+        )
+    if not md_bad and 0 in md_prompts and isinstance(num_classes, int) and num_classes > 1:
+        found.append(
+            f"--grid_md_prompts {list(md_prompts)!r} with --num_classes {num_classes}: the classes differ only by "
+            "their mask-decoder tokens; the cells with 0 would give every class the same mask"
         )
     return found
 
@@ -191,7 +198,7 @@ class Study:
         self.knobs = dict(knobs)
         self.training = sorted((dict(t) for t in training), key=lambda t: str(t["image"]))
         self.tracking = tracking
-        found = _grid_problems(len(self.training), shots, md_prompts, ie_prompts, seeds)
+        found = _grid_problems(len(self.training), shots, md_prompts, ie_prompts, seeds, self.knobs.get("num_classes"))
         try:
             self.decoder_baseline = flag(decoder_baseline)
         except ValueError:

@@ -5,10 +5,10 @@ By default runs go to a local SQLite store, ``<output_dir>/mlruns.db``, with art
 server instead, which is checked before any long work starts. ``tracking: false`` turns it
 off. Only rank 0 of a distributed run talks to MLflow.
 
-``TrainTracking`` (a trainer handler) logs the parameters, ``train_loss`` and ``lr`` every
-iteration, the validation metrics after every validation, and at the end the parameters as
-resolved by MONAI's parser (``config/resolved_config.json``), the command line and
-``model.pt``. ``EvalTracking`` (an evaluator handler) logs the evaluation metrics,
+``TrainTracking`` (a trainer handler) logs the parameters, ``train_loss`` and ``lr`` (the rate
+that step used) every iteration, the validation metrics after every validation, and at the end
+the parameters as resolved by MONAI's parser (``config/resolved_config.json``), the command
+line and ``model.pt``. ``EvalTracking`` (an evaluator handler) logs the evaluation metrics,
 ``metrics.csv`` and the overlays. When MONAI's own ``--tracking mlflow`` adds its
 ``MLFlowHandler`` as well, ``one_tracker`` drops it, so nothing is logged twice.
 
@@ -36,7 +36,7 @@ from ignite.engine import Engine, Events
 
 from ..common.flags import flag
 from .distributed import rank
-from .handlers import iteration_loss, numeric_metrics, on_validation, remembered
+from .handlers import iteration_loss, learning_rate, numeric_metrics, on_validation, remembered
 
 logger = logging.getLogger(__name__)
 
@@ -310,12 +310,15 @@ class TrainTracking:
         remembered(trainer, mlflow_run_id="")
         # Started with the first epoch, after the training state (if any) has been loaded.
         trainer.add_event_handler(Events.EPOCH_STARTED, self._start)
+        # The rate a step uses, read before it: the scheduler moves it on when the step completes.
+        trainer.add_event_handler(Events.ITERATION_STARTED, self._rate)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         if self.evaluator is not None:
             on_validation(trainer, self.evaluator, self._validated)
         trainer.add_event_handler(Events.COMPLETED, self._complete)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
         self._previous_sigterm: Any = None
+        self._lr: float | None = None
 
     def _start(self, trainer: Engine) -> None:
         if self.run.run_id is not None:
@@ -341,13 +344,16 @@ class TrainTracking:
             self.run.finish("KILLED" if killed else "FAILED")
         raise error
 
+    def _rate(self, trainer: Engine) -> None:
+        self._lr = learning_rate(self.optimizer) if self.optimizer is not None else None
+
     def _iteration(self, trainer: Engine) -> None:
         step = trainer.state.iteration
         loss = iteration_loss(trainer)
         if loss is not None:
             self.run.log_metric("train_loss", loss, step)
-        if self.optimizer is not None:
-            self.run.log_metric("lr", self.optimizer.param_groups[0]["lr"], step)
+        if self._lr is not None:
+            self.run.log_metric("lr", self._lr, step)
 
     def _validated(self, trainer: Engine, metrics: Mapping[str, Any]) -> None:
         for key, value in numeric_metrics(metrics).items():
