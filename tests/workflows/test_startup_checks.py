@@ -215,3 +215,24 @@ def test_a_second_training_into_the_same_folder_refuses(synthetic, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     for path in (tmp_path / "models" / "model.pt", tmp_path / "models" / "training_state.ckpt"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_a_training_image_with_channels_the_preprocessing_refuses_stops_it_before_any_work(synthetic, tmp_path):
+    import shutil
+
+    import numpy as np
+    import tifffile
+
+    dataset = tmp_path / "data"
+    shutil.copytree(synthetic / "microscopy", dataset)
+    image = sorted((dataset / "imagesTr").glob("*.tif"))[0]
+    gray = tifffile.imread(image)
+    # a fourth sample that is no alpha: which three of the four SAM should see is the user's choice
+    tifffile.imwrite(image, np.stack([gray] * 4, axis=-1).astype(np.uint16), photometric="rgb", extrasamples=[0])
+    done = monai_bundle(
+        "run", "training", "--config_file", TRAIN, "--sam_variant", "tiny", "--dataset_dir", str(dataset),
+        "--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models"),
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"{image}: has 4 channels; choose 3 with `channels`, e.g. [0, 1, 2]" in done.stderr
+    assert "epoch 1/" not in done.stdout + done.stderr and not (tmp_path / "models").exists()
