@@ -444,6 +444,77 @@ def test_the_cpu_engine_serves_pytorchs_labels(trained, label_env, generalist, t
     assert read[".tif"](reference["cells_000"]).any()  # the agreement is on cells found, not on two empty masks
 
 
+def _prompt_file(generalist: Path, path: Path, class_names: list[str]) -> None:
+    """An untrained model.pt of ``len(class_names)`` classes, with its recipe, as training writes it."""
+    from scripts.engine.recipe import LEGACY, from_knobs
+    from scripts.model import PTSAM
+    from scripts.model.prompt_file import save_prompts
+
+    net = PTSAM(sam_variant="tiny", sam_checkpoint=str(generalist), num_classes=len(class_names))
+    classes = list(range(1, len(class_names) + 1))
+    recipe = from_knobs(**{**LEGACY, "classes": classes, "class_names": class_names, "image_size": 256})
+    save_prompts(net, path, recipe=recipe)
+
+
+def _served_labels(base: str) -> dict:
+    return json.loads(_request(f"{base}/info/")[2])["models"].get("ptsam", {}).get("labels")
+
+
+def test_the_server_serves_model_pt_as_trained(label_env, generalist, tmp_path):
+    """A model.pt of two classes (trained with the bundle's CLI): /info names its classes with the
+    values its labels hold, and it is served and trained on; a model.pt of other classes put in its
+    place is served with those; a removed one is no longer served (MONAI Label would go on with
+    the untrained prompts)."""
+    from scripts.demo.synthetic import generate
+
+    bundle = _bundle_copy(tmp_path / "ptsam")
+    model = bundle / "models" / "model.pt"
+    _prompt_file(generalist, model, ["nucleus", "membrane"])
+    generate(str(tmp_path / "synthetic"), seed=1, n_train=3, n_val=0, n_test=0, modalities="microscopy")
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i in range(3):  # every other cell of the second class
+        name = f"cells_{i:03d}.tif"
+        shutil.copy(tmp_path / "synthetic" / "microscopy" / "imagesTr" / name, studies)
+        cells, _ = ndimage.label(tifffile.imread(tmp_path / "synthetic" / "microscopy" / "labelsTr" / name) > 0)
+        tifffile.imwrite(studies / "labels" / "final" / name, np.where(cells > 0, 1 + cells % 2, 0).astype(np.uint8))
+
+    env = {"MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
+    base, log, proc = _start_server(label_env, generalist, bundle, studies, tmp_path / "server.log", env)
+    try:
+        assert _served_labels(base) == {"nucleus": 1, "membrane": 2}
+        status, body, _ = _infer(base, "cells_000")
+        assert status == 200, body[-2000:]
+        (tmp_path / "two.tif").write_bytes(body)
+        two = tifffile.imread(tmp_path / "two.tif")
+        assert two.shape == tifffile.imread(studies / "cells_000.tif").shape and set(np.unique(two)) <= {0, 1, 2}
+
+        _train(base, log)  # from the two-class model.pt, on labels of both classes
+        from scripts.model.prompt_file import META_KEY, decode_meta
+
+        assert decode_meta(torch.load(model, weights_only=True)[META_KEY])["num_classes"] == 2
+        assert read_recipe(model)["class_names"] == ["nucleus", "membrane"]
+
+        # Only model.pt is offered: another file would be served with model.pt's recipe and names.
+        shutil.copy(model, bundle / "models" / "other.pt")
+        status, body, _ = _infer(base, "cells_000", {"model_filename": "other.pt"})
+        assert status == 404 and "no model file 'other.pt'" in json.loads(body)["detail"]
+
+        _prompt_file(generalist, model, ["cell"])  # replaced by a one-class model
+        assert _served_labels(base) == {"cell": 1}
+        status, body, _ = _infer(base, "cells_000")
+        assert status == 200, body[-2000:]
+        (tmp_path / "one.tif").write_bytes(body)
+        assert set(np.unique(tifffile.imread(tmp_path / "one.tif"))) <= {0, 1}
+
+        model.unlink()
+        assert _served_labels(base) is None
+        status, body, _ = _infer(base, "cells_000")
+        assert status == 409 and "no trained prompts yet" in json.loads(body)["detail"]
+    finally:
+        _stop(proc)
+
+
 def test_an_engine_that_cannot_run_here_stops_the_server_at_start(label_env, generalist, tmp_path):
     """OpenVINO is not in MONAI Label's environment: the server says so and exits, before serving."""
     bundle = _bundle_copy(tmp_path / "ptsam")
