@@ -186,6 +186,30 @@ def _trained_recipe(bundle: str) -> dict[str, Any]:
     return recipe
 
 
+def _check_label_values(recipe: dict[str, Any], model: Path) -> None:
+    """Refuse a recipe that reads a label value as another class than the one this server writes
+    with it (class c as value c): the labels viewers send back are the server's labels, corrected,
+    and would silently train other classes (with ``classes: [2]``, ``label_map: {1: 0}``, a
+    corrected class-1 label would train background)."""
+    from scripts.data.labels import class_of_values
+
+    names = recipe.get("class_names") or []
+    found, _ = class_of_values(range(len(recipe["classes"]) + 1), recipe["classes"], recipe.get("label_map"))
+    wrong = [
+        f"value {v} ({names[v - 1] if v <= len(names) else v}) would be read as "
+        + (f"class {c} ({names[c - 1] if c <= len(names) else c})" if c else "background")
+        for v, c in found.items()
+        if c != v
+    ]
+    if wrong:
+        raise ValueError(
+            f"{model} reads label values as other classes than this server writes them: {'; '.join(wrong)} "
+            f"(its classes {recipe['classes']}, label_map {recipe.get('label_map') or {}}). The labels sent "
+            "back from a viewer hold the server's values; relabel the datastore's labels to hold class c as "
+            "value c and train a model with classes 1..C, or train outside the server"
+        )
+
+
 def _checkpoint_loader(handlers: list) -> dict | None:
     """The ``CheckpointLoader`` MONAI Label adds to the training's handlers to start from model.pt."""
     return next((h for h in handlers if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"), None)
@@ -367,7 +391,11 @@ class PTSAMTrainTask(BundleTrainTask):
         # keeps the recipe and the network (prompt and class counts) model.pt was trained with,
         # so that its prompts load, and see images and label values as before.
         trained = _trained_model(self.bundle_path) or {"network": {}}
-        overrides.update({**self.overrides, **trained["network"], **_trained_recipe(self.bundle_path), "resume": False})
+        recipe = _trained_recipe(self.bundle_path)
+        if recipe:
+            with _BundleImports(self.bundle_path):
+                _check_label_values(recipe, _model_file(self.bundle_path))
+        overrides.update({**self.overrides, **trained["network"], **recipe, "resume": False})
         # The new prompts continue those of model.pt: the images that trained or chose them are in
         # the new model.pt's record of its split too (evaluation refuses them as test images).
         loader = _checkpoint_loader(overrides.get("train#handlers", []))

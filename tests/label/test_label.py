@@ -180,8 +180,8 @@ def _infer_file(base: str, image: str, tmp_path: Path, suffix: str) -> Path:
 TRAINED_EPOCHS = 40  # 3 images: one step an epoch
 
 
-def _train(base: str, log: Path, max_epochs: int = 1) -> None:
-    """POST /train/ptsam and wait until it is done."""
+def _train(base: str, log: Path, max_epochs: int = 1, expected: str = "DONE") -> None:
+    """POST /train/ptsam and wait until it is done (or has failed, where that is ``expected``)."""
     request = json.dumps({"max_epochs": max_epochs}).encode()
     status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
     assert status == 200, body
@@ -189,7 +189,7 @@ def _train(base: str, log: Path, max_epochs: int = 1) -> None:
     while (state := json.loads(_request(f"{base}/train/")[2])).get("status") in ("SUBMITTED", "RUNNING"):
         assert time.time() < deadline, "training did not finish"
         time.sleep(0.5)
-    assert state.get("status") == "DONE", (state, _text(log)[-3000:])
+    assert state.get("status") == expected, (state, _text(log)[-3000:])
 
 
 @pytest.fixture(scope="module")
@@ -444,15 +444,18 @@ def test_the_cpu_engine_serves_pytorchs_labels(trained, label_env, generalist, t
     assert read[".tif"](reference["cells_000"]).any()  # the agreement is on cells found, not on two empty masks
 
 
-def _prompt_file(generalist: Path, path: Path, class_names: list[str]) -> None:
-    """An untrained model.pt of ``len(class_names)`` classes, with its recipe, as training writes it."""
+def _prompt_file(
+    generalist: Path, path: Path, names: list[str], classes: list[int] | None = None, label_map: dict | None = None
+) -> None:
+    """An untrained model.pt of ``len(names)`` classes, with its recipe, as training writes it."""
     from scripts.engine.recipe import LEGACY, from_knobs
     from scripts.model import PTSAM
     from scripts.model.prompt_file import save_prompts
 
-    net = PTSAM(sam_variant="tiny", sam_checkpoint=str(generalist), num_classes=len(class_names))
-    classes = list(range(1, len(class_names) + 1))
-    recipe = from_knobs(**{**LEGACY, "classes": classes, "class_names": class_names, "image_size": 256})
+    net = PTSAM(sam_variant="tiny", sam_checkpoint=str(generalist), num_classes=len(names))
+    classes = classes or list(range(1, len(names) + 1))
+    recipe = {**LEGACY, "classes": classes, "label_map": label_map or {}, "class_names": names}
+    recipe = from_knobs(**recipe, image_size=256)
     save_prompts(net, path, recipe=recipe)
 
 
@@ -511,6 +514,14 @@ def test_the_server_serves_model_pt_as_trained(label_env, generalist, tmp_path):
         assert _served_labels(base) is None
         status, body, _ = _infer(base, "cells_000")
         assert status == 409 and "no trained prompts yet" in json.loads(body)["detail"]
+
+        # Trained outside on files where 2 is the tumour and 1 is ignored: the server writes the
+        # tumour as 1, and a label sent back with it would train background. Refused.
+        _prompt_file(generalist, model, ["tumour"], classes=[2], label_map={1: 0})
+        served = _sha(model)
+        _train(base, log, expected="ERROR")
+        assert "value 1 (tumour) would be read as background" in _text(log)
+        assert _sha(model) == served
     finally:
         _stop(proc)
 
