@@ -31,7 +31,14 @@ What this adds to MONAI Label's bundle tasks, and why:
   (inference reads that recipe through the bundle's own ``inference.yaml``); the new
   ``model.pt``'s record of the images that trained the prompts keeps those of the old one;
 - a ``model.pt`` written by ``/train`` after start-up makes the model available at once (``/info``
-  lists it, as 3D Slicer reads it there).
+  lists it, as 3D Slicer reads it there);
+- the model is ``model.pt`` as trained: its class and prompt counts build the network (MONAI Label
+  takes the configs' one class), its ``class_names`` name the label values (metadata.json's
+  ``channel_def`` names one ``foreground``); another ``model.pt`` put in its place is served as
+  that one, a removed one no longer (MONAI Label would serve the untrained prompts), and no other
+  ``models/*.pt`` is offered (it would run with model.pt's recipe and names);
+- training refuses a ``model.pt`` whose recipe reads a label value as another class than the
+  server writes it with (class c as value c), as viewers send back the server's labels.
 """
 
 from __future__ import annotations
