@@ -37,6 +37,8 @@ What this adds to MONAI Label's bundle tasks, and why:
   ``channel_def`` names one ``foreground``); another ``model.pt`` put in its place is served as
   that one, a removed one no longer (MONAI Label would serve the untrained prompts), and no other
   ``models/*.pt`` is offered (it would run with model.pt's recipe and names);
+- ``val_split`` -1 (MONAI Label: the bundle's default validation) holds out train.yaml's
+  ``val_fraction`` of the datastore's labelled images, not train.yaml's list from ``dataset_dir``;
 - training refuses a ``model.pt`` whose recipe reads a label value as another class than the
   server writes it with (class c as value c), as viewers send back the server's labels.
 """
@@ -391,6 +393,14 @@ class PTSAMTrainTask(BundleTrainTask):
             # The run would start from that file's prompts with model.pt's recipe, and overwrite model.pt.
             raise ValueError(f"model_filename {chosen!r}: this server trains {MODEL_FILE} only")
         return super().__call__(request, datastore)
+
+    def _partition_datalist(self, datalist: list, request: dict, shuffle: bool = False):
+        # val_split < 0 is MONAI Label's "the bundle's default": train.yaml's own validation list,
+        # which reads dataset_dir (the demo's synthetic images), not the datastore. The bundle's
+        # default is its val_fraction, taken here of the datastore's labelled images.
+        if float(request.get("val_split", 0.2)) < 0:
+            request = {**request, "val_split": float(self.bundle_config["val_fraction"])}
+        return super()._partition_datalist(datalist, request, shuffle)
 
     def _update_overrides(self, overrides: dict[str, Any]) -> None:
         # A new run from the current model.pt (MONAI Label loads it): an older run's resume

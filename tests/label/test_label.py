@@ -20,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import nibabel as nib
@@ -180,9 +181,10 @@ def _infer_file(base: str, image: str, tmp_path: Path, suffix: str) -> Path:
 TRAINED_EPOCHS = 40  # 3 images: one step an epoch
 
 
-def _train(base: str, log: Path, max_epochs: int = 1, expected: str = "DONE") -> None:
-    """POST /train/ptsam and wait until it is done (or has failed, where that is ``expected``)."""
-    request = json.dumps({"max_epochs": max_epochs}).encode()
+def _train(base: str, log: Path, max_epochs: int = 1, expected: str = "DONE", **options: Any) -> None:
+    """POST /train/ptsam (with more ``options``) and wait until it is done (or has failed, where
+    that is ``expected``)."""
+    request = json.dumps({"max_epochs": max_epochs, **options}).encode()
     status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
     assert status == 200, body
     deadline = time.time() + 300
@@ -497,6 +499,16 @@ def test_the_server_serves_model_pt_as_trained(label_env, generalist, tmp_path):
 
         assert decode_meta(torch.load(model, weights_only=True)[META_KEY])["num_classes"] == 2
         assert read_recipe(model)["class_names"] == ["nucleus", "membrane"]
+
+        # val_split -1, "the bundle's default" in 3D Slicer's training options: validated on the
+        # datastore's images, not on train.yaml's dataset_dir (here the demo's synthetic images).
+        demo = tmp_path / "data" / "synthetic"
+        generate(str(demo), seed=2, n_train=5, n_val=0, n_test=0, modalities="microscopy")
+        _train(base, log, val_split=-1)
+        from scripts.engine.splits import image_id, read_split
+
+        recorded = {digest for role in ("training", "validation") for _, digest in read_split(model)[role]}
+        assert recorded == {image_id(str(studies / f"cells_{i:03d}.tif")) for i in range(3)}
 
         # Only model.pt is offered: another file would be served with model.pt's recipe and names.
         shutil.copy(model, bundle / "models" / "other.pt")
