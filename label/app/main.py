@@ -37,6 +37,8 @@ What this adds to MONAI Label's bundle tasks, and why:
   ``channel_def`` names one ``foreground``); another ``model.pt`` put in its place is served as
   that one, a removed one no longer (MONAI Label would serve the untrained prompts), and no other
   ``models/*.pt`` is offered (it would run with model.pt's recipe and names);
+- with ``instance_labels``, the answer's ``label_names`` (3D Slicer names the values by them)
+  name the numbered objects, not the classes;
 - ``val_split`` -1 (MONAI Label: the bundle's default validation) holds out train.yaml's
   ``val_fraction`` of the datastore's labelled images, not train.yaml's list from ``dataset_dir``;
 - training refuses a ``model.pt`` whose recipe reads a label value as another class than the
@@ -57,6 +59,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import HTTPException
 
 
@@ -153,6 +156,7 @@ def _check_image(bundle: str, image: Any) -> None:
 
 
 MODEL_FILE = "model.pt"
+OBJECTS_KEY = "objects"  # in /infer's answer with instance_labels: how many objects the label numbers
 NETWORK_KEYS = ("n_md_prompts", "n_ie_prompts", "num_classes")  # the network's shape, recorded in model.pt
 
 
@@ -344,7 +348,11 @@ class PTSAMInferTask(BundleInferTask):
     def __call__(self, request: dict, callbacks: Any = None):
         _check_image(self.bundle_path, request.get("image"))
         try:
-            return super().__call__(request, callbacks)
+            written, answer = super().__call__(request, callbacks)
+            if OBJECTS_KEY in answer:
+                # Numbered objects, not classes: 3D Slicer names a label's values by `label_names`.
+                answer["label_names"] = {f"object {i}": i for i in range(1, answer[OBJECTS_KEY] + 1)}
+            return written, answer
         except HTTPException:
             raise
         except Exception as err:
@@ -360,6 +368,12 @@ class PTSAMInferTask(BundleInferTask):
         written = data.get(f"{self.key_pred}_path")
         if not written:
             return super().writer(data, extension, dtype)
+        answer = dict(data.get(self.output_json_key, {}))
+        with _BundleImports(self.bundle_path):
+            from scripts.common.flags import flag
+
+            if flag(data.get("instance_labels", False)):
+                answer[OBJECTS_KEY] = int(torch.as_tensor(data[self.key_pred]).max())
         polygons = data.get(f"{self.key_pred}_geojson_path")
         if polygons:
             os.unlink(written)  # the label itself is not sent: it would stay behind
@@ -369,7 +383,7 @@ class PTSAMInferTask(BundleInferTask):
         handle, out = tempfile.mkstemp(suffix=suffix)
         os.close(handle)
         shutil.move(written, out)
-        return out, data.get(self.output_json_key, {})
+        return out, answer
 
 
 class PTSAMTrainTask(BundleTrainTask):

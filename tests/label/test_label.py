@@ -493,6 +493,14 @@ def test_the_server_serves_model_pt_as_trained(label_env, generalist, tmp_path):
         (tmp_path / "two.tif").write_bytes(body)
         two = tifffile.imread(tmp_path / "two.tif")
         assert two.shape == tifffile.imread(studies / "cells_000.tif").shape and set(np.unique(two)) <= {0, 1, 2}
+        # The names 3D Slicer gives the values: the classes, or with instance_labels the objects.
+        status, body, _ = _infer(base, "cells_000", output="json")
+        assert status == 200 and json.loads(body)["label_names"] == {"nucleus": 1, "membrane": 2}
+        status, body, _ = _infer(base, "cells_000", {"instance_labels": True})
+        (tmp_path / "objects.tif").write_bytes(body)
+        count = int(tifffile.imread(tmp_path / "objects.tif").max())
+        status, body, _ = _infer(base, "cells_000", {"instance_labels": True}, output="json")
+        assert status == 200 and json.loads(body)["label_names"] == {f"object {i}": i for i in range(1, count + 1)}
 
         _train(base, log)  # from the two-class model.pt, on labels of both classes
         from scripts.model.prompt_file import META_KEY, decode_meta
