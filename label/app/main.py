@@ -31,7 +31,18 @@ What this adds to MONAI Label's bundle tasks, and why:
   (inference reads that recipe through the bundle's own ``inference.yaml``); the new
   ``model.pt``'s record of the images that trained the prompts keeps those of the old one;
 - a ``model.pt`` written by ``/train`` after start-up makes the model available at once (``/info``
-  lists it, as 3D Slicer reads it there).
+  lists it, as 3D Slicer reads it there);
+- the model is ``model.pt`` as trained: its class and prompt counts build the network (MONAI Label
+  takes the configs' one class), its ``class_names`` name the label values (metadata.json's
+  ``channel_def`` names one ``foreground``); another ``model.pt`` put in its place is served as
+  that one, a removed one no longer (MONAI Label would serve the untrained prompts), and no other
+  ``models/*.pt`` is offered (it would run with model.pt's recipe and names);
+- with ``instance_labels``, the answer's ``label_names`` (3D Slicer names the values by them)
+  name the numbered objects, not the classes;
+- ``val_split`` -1 (MONAI Label: the bundle's default validation) holds out train.yaml's
+  ``val_fraction`` of the datastore's labelled images, not train.yaml's list from ``dataset_dir``;
+- training refuses a ``model.pt`` whose recipe reads a label value as another class than the
+  server writes it with (class c as value c), as viewers send back the server's labels.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import HTTPException
 
 
@@ -143,9 +155,40 @@ def _check_image(bundle: str, image: Any) -> None:
             raise HTTPException(status_code=422, detail=str(err)) from err
 
 
+MODEL_FILE = "model.pt"
+OBJECTS_KEY = "objects"  # in /infer's answer with instance_labels: how many objects the label numbers
+NETWORK_KEYS = ("n_md_prompts", "n_ie_prompts", "num_classes")  # the network's shape, recorded in model.pt
+
+
+def _model_file(bundle: str) -> Path:
+    return Path(bundle) / "models" / MODEL_FILE
+
+
+def _trained_model(bundle: str) -> dict[str, Any] | None:
+    """What the bundle's ``models/model.pt`` was trained as: its network's prompt and class counts
+    (``network``) and the label value of each class's name (``labels``, 1..C as inference writes
+    them); None where there is no model.pt. A file without PTSAM's record gives no counts: loading
+    it then refuses it, naming the file."""
+    path = _model_file(bundle)
+    if not path.is_file():
+        return None
+    with _BundleImports(bundle):
+        from scripts.engine.recipe import LEGACY
+        from scripts.model.prompt_file import META_KEY, decode_meta, read_prompt_file
+
+        state = read_prompt_file(path)
+        recipe = _trained_recipe(bundle)
+    meta = decode_meta(state.get(META_KEY)) or {}
+    network = {key: meta[key] for key in NETWORK_KEYS if key in meta}
+    names = list(recipe.get("class_names") or LEGACY["class_names"])
+    if len(names) != network.get("num_classes", len(names)):  # a name for every value written
+        names = [f"class {c}" for c in range(1, network["num_classes"] + 1)]
+    return {"network": network, "labels": {name: value for value, name in enumerate(names, start=1)}}
+
+
 def _trained_recipe(bundle: str) -> dict[str, Any]:
     """The recipe knobs recorded in the bundle's ``models/model.pt`` (none before the first training)."""
-    model = Path(bundle) / "models" / "model.pt"
+    model = _model_file(bundle)
     if not model.is_file():
         return {}
     with _BundleImports(bundle):
@@ -154,6 +197,30 @@ def _trained_recipe(bundle: str) -> dict[str, Any]:
         recipe = read_recipe(model) or {}
     recipe.pop("image_size", None)  # follows sam_variant
     return recipe
+
+
+def _check_label_values(recipe: dict[str, Any], model: Path) -> None:
+    """Refuse a recipe that reads a label value as another class than the one this server writes
+    with it (class c as value c): the labels viewers send back are the server's labels, corrected,
+    and would silently train other classes (with ``classes: [2]``, ``label_map: {1: 0}``, a
+    corrected class-1 label would train background)."""
+    from scripts.data.labels import class_of_values
+
+    names = recipe.get("class_names") or []
+    found, _ = class_of_values(range(len(recipe["classes"]) + 1), recipe["classes"], recipe.get("label_map"))
+    wrong = [
+        f"value {v} ({names[v - 1] if v <= len(names) else v}) would be read as "
+        + (f"class {c} ({names[c - 1] if c <= len(names) else c})" if c else "background")
+        for v, c in found.items()
+        if c != v
+    ]
+    if wrong:
+        raise ValueError(
+            f"{model} reads label values as other classes than this server writes them: {'; '.join(wrong)} "
+            f"(its classes {recipe['classes']}, label_map {recipe.get('label_map') or {}}). The labels sent "
+            "back from a viewer hold the server's values; relabel the datastore's labels to hold class c as "
+            "value c and train a model with classes 1..C, or train outside the server"
+        )
 
 
 def _checkpoint_loader(handlers: list) -> dict | None:
@@ -261,13 +328,17 @@ class StudiesDatastore(LocalDatastore):
 class PTSAMInferTask(BundleInferTask):
     """The bundle's ``inference.yaml`` as a MONAI Label segmentation model."""
 
-    def __init__(self, path: str, conf: dict[str, str], overrides: dict[str, Any]):
+    def __init__(self, path: str, conf: dict[str, str], overrides: dict[str, Any], labels: dict[str, int]):
         self.overrides = overrides
         self.prediction_dir = tempfile.mkdtemp(prefix="ptsam-label-")
         # SaveImaged is not in the bundle; its own WriteLabeld stays and writes to prediction_dir.
         super().__init__(path, conf, post_filter=[SaveImaged], add_post_restore=False)
         # Volumes are segmented whole (slice by slice inside), 2D images as they are.
         self.dimension = 3
+        # The classes model.pt was trained for (metadata.json names one class, whatever was trained).
+        self.labels = labels
+        # Only model.pt: the recipe and the class names inference uses are those recorded in it.
+        self._config["model_filename"] = [MODEL_FILE]
 
     def _load_bundle_config(self, path: str, config: str):
         parser = super()._load_bundle_config(path, config)
@@ -277,7 +348,11 @@ class PTSAMInferTask(BundleInferTask):
     def __call__(self, request: dict, callbacks: Any = None):
         _check_image(self.bundle_path, request.get("image"))
         try:
-            return super().__call__(request, callbacks)
+            written, answer = super().__call__(request, callbacks)
+            if OBJECTS_KEY in answer:
+                # Numbered objects, not classes: 3D Slicer names a label's values by `label_names`.
+                answer["label_names"] = {f"object {i}": i for i in range(1, answer[OBJECTS_KEY] + 1)}
+            return written, answer
         except HTTPException:
             raise
         except Exception as err:
@@ -293,6 +368,12 @@ class PTSAMInferTask(BundleInferTask):
         written = data.get(f"{self.key_pred}_path")
         if not written:
             return super().writer(data, extension, dtype)
+        answer = dict(data.get(self.output_json_key, {}))
+        with _BundleImports(self.bundle_path):
+            from scripts.common.flags import flag
+
+            if flag(data.get("instance_labels", False)):
+                answer[OBJECTS_KEY] = int(torch.as_tensor(data[self.key_pred]).max())
         polygons = data.get(f"{self.key_pred}_geojson_path")
         if polygons:
             os.unlink(written)  # the label itself is not sent: it would stay behind
@@ -302,7 +383,7 @@ class PTSAMInferTask(BundleInferTask):
         handle, out = tempfile.mkstemp(suffix=suffix)
         os.close(handle)
         shutil.move(written, out)
-        return out, data.get(self.output_json_key, {})
+        return out, answer
 
 
 class PTSAMTrainTask(BundleTrainTask):
@@ -317,11 +398,35 @@ class PTSAMTrainTask(BundleTrainTask):
         parser.update(self.overrides)
         return parser
 
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "model_filename": [MODEL_FILE]}
+
+    def __call__(self, request: dict, datastore: Datastore):
+        chosen = request.get("model_filename", MODEL_FILE)
+        if (chosen if isinstance(chosen, str) else chosen[0]) != MODEL_FILE:
+            # The run would start from that file's prompts with model.pt's recipe, and overwrite model.pt.
+            raise ValueError(f"model_filename {chosen!r}: this server trains {MODEL_FILE} only")
+        return super().__call__(request, datastore)
+
+    def _partition_datalist(self, datalist: list, request: dict, shuffle: bool = False):
+        # val_split < 0 is MONAI Label's "the bundle's default": train.yaml's own validation list,
+        # which reads dataset_dir (the demo's synthetic images), not the datastore. The bundle's
+        # default is its val_fraction, taken here of the datastore's labelled images.
+        if float(request.get("val_split", 0.2)) < 0:
+            request = {**request, "val_split": float(self.bundle_config["val_fraction"])}
+        return super()._partition_datalist(datalist, request, shuffle)
+
     def _update_overrides(self, overrides: dict[str, Any]) -> None:
         # A new run from the current model.pt (MONAI Label loads it): an older run's resume
         # state would otherwise continue that run, and at its last epoch do nothing. The run
-        # keeps the recipe model.pt was trained with, so its prompts see images as before.
-        overrides.update({**self.overrides, **_trained_recipe(self.bundle_path), "resume": False})
+        # keeps the recipe and the network (prompt and class counts) model.pt was trained with,
+        # so that its prompts load, and see images and label values as before.
+        trained = _trained_model(self.bundle_path) or {"network": {}}
+        recipe = _trained_recipe(self.bundle_path)
+        if recipe:
+            with _BundleImports(self.bundle_path):
+                _check_label_values(recipe, _model_file(self.bundle_path))
+        overrides.update({**self.overrides, **trained["network"], **recipe, "resume": False})
         # The new prompts continue those of model.pt: the images that trained or chose them are in
         # the new model.pt's record of its split too (evaluation refuses them as test images).
         loader = _checkpoint_loader(overrides.get("train#handlers", []))
@@ -337,7 +442,7 @@ class PTSAMApp(MONAILabelApp):
         if not (Path(self.bundle) / "configs" / "inference.yaml").is_file():
             raise ValueError(f"{self.bundle}: not a PTSAM bundle (no configs/inference.yaml)")
         self.infer_overrides = {**self.overrides, **engine_overrides(self.bundle, conf)}
-        if not (Path(self.bundle) / "models" / "model.pt").is_file():
+        if not _model_file(self.bundle).is_file():
             logger.warning(
                 "%s has no models/model.pt yet: label a few images and train (POST /train/%s); "
                 "inference is offered once it exists",
@@ -350,6 +455,8 @@ class PTSAMApp(MONAILabelApp):
         tempfile.tempdir = self.received_dir
         atexit.register(shutil.rmtree, self.received_dir, True)
         self._infers_lock = threading.Lock()
+        self._served: dict[str, Any] | None = None  # what the offered model was built for
+        self._model_error = ""  # why model.pt cannot be offered, if it cannot
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -371,7 +478,16 @@ class PTSAMApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        task = PTSAMInferTask(self.bundle, self.conf, self.infer_overrides)
+        """The model as ``models/model.pt`` was trained: its prompt and class counts, its class names."""
+        self._model_error = ""
+        try:
+            self._served = _trained_model(self.bundle)
+        except ValueError as err:  # unreadable: named in /infer's answer
+            self._served, self._model_error = None, str(err)
+        if self._served is None:
+            return {}
+        overrides = {**self.infer_overrides, **self._served["network"]}
+        task = PTSAMInferTask(self.bundle, self.conf, overrides, self._served["labels"])
         return {self.model_name: task} if task.is_valid() else {}
 
     def init_trainers(self) -> dict[str, TrainTask]:
@@ -379,11 +495,18 @@ class PTSAMApp(MONAILabelApp):
         return {self.model_name: task} if task.is_valid() else {}
 
     def _refresh_infers(self) -> None:
-        """Offer the model once ``/train`` (a subprocess of MONAI Label's) has written model.pt."""
-        if self.model_name in self._infers or not (Path(self.bundle) / "models" / "model.pt").is_file():
-            return
+        """The model as the current ``models/model.pt`` has it: offered once ``/train`` (a subprocess
+        of MONAI Label's) has written it, rebuilt where another file with other classes or prompt
+        counts replaced it (MONAI Label reloads only the weights, into the old network), and
+        withdrawn where it was removed (MONAI Label would go on with the untrained prompts)."""
         with self._infers_lock:  # /info and /infer may ask at once; the task is built once
-            if self.model_name not in self._infers:
+            try:
+                now, self._model_error = _trained_model(self.bundle), ""
+            except ValueError as err:
+                now, self._model_error = None, str(err)
+            if now is None:
+                self._infers, self._served = {}, None
+            elif now != self._served:
                 self._infers = self.init_infers()
 
     def info(self) -> dict:
@@ -391,8 +514,10 @@ class PTSAMApp(MONAILabelApp):
         return super().info()
 
     def _unknown_model(self, model: Any) -> HTTPException:
+        if model == self.model_name and self._model_error:
+            return HTTPException(status_code=422, detail=self._model_error)
         if model == self.model_name:
-            path = Path(self.bundle) / "models" / "model.pt"
+            path = _model_file(self.bundle)
             detail = f"no trained prompts yet ({path}): label a few images, then POST /train/{self.model_name}"
             return HTTPException(status_code=409, detail=detail)
         models = ", ".join(sorted(self._infers)) or f"none until '{self.model_name}' is trained"

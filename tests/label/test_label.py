@@ -20,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import nibabel as nib
@@ -180,16 +181,17 @@ def _infer_file(base: str, image: str, tmp_path: Path, suffix: str) -> Path:
 TRAINED_EPOCHS = 40  # 3 images: one step an epoch
 
 
-def _train(base: str, log: Path, max_epochs: int = 1) -> None:
-    """POST /train/ptsam and wait until it is done."""
-    request = json.dumps({"max_epochs": max_epochs}).encode()
+def _train(base: str, log: Path, max_epochs: int = 1, expected: str = "DONE", **options: Any) -> None:
+    """POST /train/ptsam (with more ``options``) and wait until it is done (or has failed, where
+    that is ``expected``)."""
+    request = json.dumps({"max_epochs": max_epochs, **options}).encode()
     status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
     assert status == 200, body
     deadline = time.time() + 300
     while (state := json.loads(_request(f"{base}/train/")[2])).get("status") in ("SUBMITTED", "RUNNING"):
         assert time.time() < deadline, "training did not finish"
         time.sleep(0.5)
-    assert state.get("status") == "DONE", (state, _text(log)[-3000:])
+    assert state.get("status") == expected, (state, _text(log)[-3000:])
 
 
 @pytest.fixture(scope="module")
@@ -442,6 +444,106 @@ def test_the_cpu_engine_serves_pytorchs_labels(trained, label_env, generalist, t
         ours, theirs = read[suffix](answers[name]), read[suffix](reference[name])
         assert ours.shape == theirs.shape and _dice(ours, theirs) >= 0.999, name
     assert read[".tif"](reference["cells_000"]).any()  # the agreement is on cells found, not on two empty masks
+
+
+def _prompt_file(
+    generalist: Path, path: Path, names: list[str], classes: list[int] | None = None, label_map: dict | None = None
+) -> None:
+    """An untrained model.pt of ``len(names)`` classes, with its recipe, as training writes it."""
+    from scripts.engine.recipe import LEGACY, from_knobs
+    from scripts.model import PTSAM
+    from scripts.model.prompt_file import save_prompts
+
+    net = PTSAM(sam_variant="tiny", sam_checkpoint=str(generalist), num_classes=len(names))
+    classes = classes or list(range(1, len(names) + 1))
+    recipe = {**LEGACY, "classes": classes, "label_map": label_map or {}, "class_names": names}
+    recipe = from_knobs(**recipe, image_size=256)
+    save_prompts(net, path, recipe=recipe)
+
+
+def _served_labels(base: str) -> dict:
+    return json.loads(_request(f"{base}/info/")[2])["models"].get("ptsam", {}).get("labels")
+
+
+def test_the_server_serves_model_pt_as_trained(label_env, generalist, tmp_path):
+    """A model.pt of two classes (trained with the bundle's CLI): /info names its classes with the
+    values its labels hold, and it is served and trained on; a model.pt of other classes put in its
+    place is served with those; a removed one is no longer served (MONAI Label would go on with
+    the untrained prompts)."""
+    from scripts.demo.synthetic import generate
+
+    bundle = _bundle_copy(tmp_path / "ptsam")
+    model = bundle / "models" / "model.pt"
+    _prompt_file(generalist, model, ["nucleus", "membrane"])
+    generate(str(tmp_path / "synthetic"), seed=1, n_train=3, n_val=0, n_test=0, modalities="microscopy")
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i in range(3):  # every other cell of the second class
+        name = f"cells_{i:03d}.tif"
+        shutil.copy(tmp_path / "synthetic" / "microscopy" / "imagesTr" / name, studies)
+        cells, _ = ndimage.label(tifffile.imread(tmp_path / "synthetic" / "microscopy" / "labelsTr" / name) > 0)
+        tifffile.imwrite(studies / "labels" / "final" / name, np.where(cells > 0, 1 + cells % 2, 0).astype(np.uint8))
+
+    env = {"MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
+    base, log, proc = _start_server(label_env, generalist, bundle, studies, tmp_path / "server.log", env)
+    try:
+        assert _served_labels(base) == {"nucleus": 1, "membrane": 2}
+        status, body, _ = _infer(base, "cells_000")
+        assert status == 200, body[-2000:]
+        (tmp_path / "two.tif").write_bytes(body)
+        two = tifffile.imread(tmp_path / "two.tif")
+        assert two.shape == tifffile.imread(studies / "cells_000.tif").shape and set(np.unique(two)) <= {0, 1, 2}
+        # The names 3D Slicer gives the values: the classes, or with instance_labels the objects.
+        status, body, _ = _infer(base, "cells_000", output="json")
+        assert status == 200 and json.loads(body)["label_names"] == {"nucleus": 1, "membrane": 2}
+        status, body, _ = _infer(base, "cells_000", {"instance_labels": True})
+        (tmp_path / "objects.tif").write_bytes(body)
+        count = int(tifffile.imread(tmp_path / "objects.tif").max())
+        status, body, _ = _infer(base, "cells_000", {"instance_labels": True}, output="json")
+        assert status == 200 and json.loads(body)["label_names"] == {f"object {i}": i for i in range(1, count + 1)}
+
+        _train(base, log)  # from the two-class model.pt, on labels of both classes
+        from scripts.model.prompt_file import META_KEY, decode_meta
+
+        assert decode_meta(torch.load(model, weights_only=True)[META_KEY])["num_classes"] == 2
+        assert read_recipe(model)["class_names"] == ["nucleus", "membrane"]
+
+        # val_split -1, "the bundle's default" in 3D Slicer's training options: validated on the
+        # datastore's images, not on train.yaml's dataset_dir (here the demo's synthetic images).
+        demo = tmp_path / "data" / "synthetic"
+        generate(str(demo), seed=2, n_train=5, n_val=0, n_test=0, modalities="microscopy")
+        _train(base, log, val_split=-1)
+        from scripts.engine.splits import image_id, read_split
+
+        recorded = {digest for role in ("training", "validation") for _, digest in read_split(model)[role]}
+        assert recorded == {image_id(str(studies / f"cells_{i:03d}.tif")) for i in range(3)}
+
+        # Only model.pt is offered: another file would be served with model.pt's recipe and names.
+        shutil.copy(model, bundle / "models" / "other.pt")
+        status, body, _ = _infer(base, "cells_000", {"model_filename": "other.pt"})
+        assert status == 404 and "no model file 'other.pt'" in json.loads(body)["detail"]
+
+        _prompt_file(generalist, model, ["cell"])  # replaced by a one-class model
+        assert _served_labels(base) == {"cell": 1}
+        status, body, _ = _infer(base, "cells_000")
+        assert status == 200, body[-2000:]
+        (tmp_path / "one.tif").write_bytes(body)
+        assert set(np.unique(tifffile.imread(tmp_path / "one.tif"))) <= {0, 1}
+
+        model.unlink()
+        assert _served_labels(base) is None
+        status, body, _ = _infer(base, "cells_000")
+        assert status == 409 and "no trained prompts yet" in json.loads(body)["detail"]
+
+        # Trained outside on files where 2 is the tumour and 1 is ignored: the server writes the
+        # tumour as 1, and a label sent back with it would train background. Refused.
+        _prompt_file(generalist, model, ["tumour"], classes=[2], label_map={1: 0})
+        served = _sha(model)
+        _train(base, log, expected="ERROR")
+        assert "value 1 (tumour) would be read as background" in _text(log)
+        assert _sha(model) == served
+    finally:
+        _stop(proc)
 
 
 def test_an_engine_that_cannot_run_here_stops_the_server_at_start(label_env, generalist, tmp_path):
