@@ -144,14 +144,15 @@ def _check_image(bundle: str, image: Any) -> None:
 
 
 def _trained_recipe(bundle: str) -> dict[str, Any]:
-    """The recipe knobs recorded in the bundle's ``models/model.pt`` (none before the first training)."""
+    """The recipe knobs recorded in the bundle's ``models/model.pt`` (none before the first training);
+    for a file of an older bundle, the knobs added since, as it saw them (its layout)."""
     model = Path(bundle) / "models" / "model.pt"
     if not model.is_file():
         return {}
     with _BundleImports(bundle):
-        from scripts.model.prompt_file import read_recipe
+        from scripts.engine.recipe import ADDED, recorded_recipe
 
-        recipe = read_recipe(model) or {}
+        recipe = recorded_recipe(model) or dict(ADDED)
     recipe.pop("image_size", None)  # follows sam_variant
     return recipe
 
