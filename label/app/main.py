@@ -187,14 +187,15 @@ def _trained_model(bundle: str) -> dict[str, Any] | None:
 
 
 def _trained_recipe(bundle: str) -> dict[str, Any]:
-    """The recipe knobs recorded in the bundle's ``models/model.pt`` (none before the first training)."""
+    """The recipe knobs recorded in the bundle's ``models/model.pt`` (none before the first training);
+    for a file of an older bundle, the knobs added since, as it saw them (its layout)."""
     model = _model_file(bundle)
     if not model.is_file():
         return {}
     with _BundleImports(bundle):
-        from scripts.model.prompt_file import read_recipe
+        from scripts.engine.recipe import ADDED, recorded_recipe
 
-        recipe = read_recipe(model) or {}
+        recipe = recorded_recipe(model) or dict(ADDED)
     recipe.pop("image_size", None)  # follows sam_variant
     return recipe
 

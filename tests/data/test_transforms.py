@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import tifffile
 import torch
 from monai.data import MetaTensor
@@ -170,3 +171,86 @@ def test_full_pipeline_from_files(tmp_path):
     assert d["image"].shape == (3, 6, 128, 128) and d["label"].shape == (1, 6, 128, 128)
     assert d["image"].meta["filename_or_obj"] == str(tmp_path / "stack.tif")
     assert d["label"][0, 2].max() == 1 and d["label"][0, 0].max() == 0
+
+
+def _prepare(image_size: int, **kw) -> Compose:
+    """The inference preprocessing of 8-bit images (intensities kept as they are)."""
+    return Compose(
+        [
+            LoadImageAnyd("image"),
+            SamIntensityd("image", mode="none"),
+            SamChannelsd("image"),
+            SamInputd("image", image_size=image_size, **kw),
+        ]
+    )
+
+
+@pytest.mark.parametrize("name", ["xray.dcm", "slide.nii.gz"])
+def test_a_dicom_or_nifti_image_and_its_png_give_the_network_one_input(tmp_path, name):
+    """DICOM and NIfTI arrays are read (x, y); the network sees them as displayed, like a PNG."""
+    rows_cols = (np.arange(40 * 56).reshape(40, 56) % 251).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(rows_cols), str(tmp_path / name))  # x along the columns
+    Image.fromarray(rows_cols).save(tmp_path / "same.png")
+    png = _prepare(64)({"image": str(tmp_path / "same.png")})["image"]
+    seen = _prepare(64)({"image": str(tmp_path / name)})["image"]
+    assert seen.shape == png.shape == (3, 64, 64) and seen.meta["sam_transposed"] and not png.meta["sam_transposed"]
+    assert torch.equal(seen.as_tensor(), png.as_tensor())
+    stored = _prepare(64, layout="stored")({"image": str(tmp_path / name)})["image"]  # as prompts of before saw it
+    assert torch.allclose(stored.as_tensor(), png.as_tensor().transpose(-2, -1), atol=1e-5)
+
+
+def test_nifti_volume_slices_reach_the_network_as_displayed(tmp_path):
+    """A NIfTI volume (x, y, z) and the same voxels as a TIFF stack (z, rows = y, columns = x)."""
+    xyz = np.random.default_rng(5).integers(0, 256, (20, 12, 5)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(xyz, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    tifffile.imwrite(tmp_path / "v.tif", xyz.transpose(2, 1, 0), imagej=True, metadata={"axes": "ZYX"})
+    nifti = _prepare(32)({"image": str(tmp_path / "v.nii.gz")})["image"]
+    tiff = _prepare(32)({"image": str(tmp_path / "v.tif")})["image"]
+    assert nifti.shape == tiff.shape == (3, 5, 32, 32) and nifti.meta["sam_in_plane"] == (12, 20)
+    assert torch.equal(nifti.as_tensor(), tiff.as_tensor())
+
+
+@pytest.mark.parametrize("volume", [False, True])
+@pytest.mark.parametrize("resize", [True, False])
+@pytest.mark.parametrize("fmt", ["nifti", "dicom", "png"])
+def test_round_trip_returns_the_input_grid(fmt, resize, volume):
+    plane = _disks((60, 44), np.random.default_rng(3), n=4, r=(5.0, 9.0))
+    plane[:, :3] = 1  # not symmetric under a transposition
+    label = np.stack([plane, plane[::-1], np.zeros_like(plane)], axis=-1)[None] if volume else plane[None]
+    meta = {"format": fmt, "axial_axis": 2 if volume else -1}
+    to_sam = SamInputd("label", image_size=128 if resize else 32, image_keys=(), resize=resize)
+    d = to_sam({"label": _mt(label, **meta)})
+    net = d["label"][:, 0] if volume else d["label"]  # the (first) slice as the network sees it
+    swapped = fmt != "png"
+    assert d["label"].meta["sam_transposed"] == swapped
+    if not resize:
+        seen = plane.T if swapped else plane
+        assert torch.equal(net[0, : seen.shape[0], : seen.shape[1]], torch.as_tensor(seen, dtype=torch.float32))
+    back = InvertSamInputd("label", ref_key="label")(d)["label"]
+    assert back.shape == label.shape
+    if resize:
+        mask, truth = back.numpy() > 0.5, label > 0
+        assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) >= 0.99
+    else:
+        assert torch.equal(back, torch.as_tensor(label, dtype=torch.float32))
+
+
+def test_a_png_label_of_a_nifti_image_reaches_the_network_with_its_image(tmp_path):
+    """The label is put on the image's (x, y) grid; both are then swapped to display order alike."""
+    rows_cols = np.zeros((40, 56), np.uint8)
+    rows_cols[5:15, 30:50] = 200
+    sitk.WriteImage(sitk.GetImageFromArray(rows_cols), str(tmp_path / "image.nii.gz"))
+    Image.fromarray((rows_cols > 0).astype(np.uint8)).save(tmp_path / "mask.png")
+    pipeline = Compose(
+        [
+            LoadImageAnyd(["image", "label"]),
+            LabelClassesd("label"),
+            SamIntensityd("image", mode="none"),
+            SamChannelsd("image"),
+            SamInputd(["image", "label"], image_size=56, resize=False),
+        ]
+    )
+    d = pipeline({"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "mask.png")})
+    truth = torch.from_numpy(rows_cols > 0)
+    assert torch.equal(d["label"][0, :40, :56] > 0.5, truth)
+    assert torch.equal(d["image"][0, :40, :56] > 0, truth)

@@ -123,7 +123,10 @@ def test_training_on_many_slices_within_a_small_memory_budget(synthetic, tmp_pat
     assert held and max(held) <= budget and max(held) == budget  # full, never over
     assert len(list((tmp_path / "capped" / "eval" / "embedding_cache").glob("*.pt"))) > budget
     uncached, _ = _train_on_volumes(synthetic, tmp_path / "uncached", cache_embeddings=False)
-    assert torch.allclose(capped, uncached, atol=1e-5)  # the cache changes nothing learned
+    # The cache changes nothing learned: the encoder's batches differ (rounding of 1e-6), which
+    # Adam's normalised steps amplify on tokens of tiny gradients; a wrong input would be off by
+    # about the learning rate (0.05).
+    assert torch.allclose(capped, uncached, atol=1e-4)
 
 
 def test_float16_cache_halves_the_files_and_agrees_with_float32(synthetic, generalist, tmp_path):
@@ -154,3 +157,35 @@ def test_float16_cache_halves_the_files_and_agrees_with_float32(synthetic, gener
     assert sizes[1] < 0.55 * sizes[0]
     with pytest.raises(ValueError, match="cache dtype must be one of"):
         EncodeImaged(net, dtype="int8")
+
+
+def test_one_image_in_two_layouts_has_two_cache_entries(tmp_path):
+    """The key is the preprocessed image itself: a NIfTI seen as displayed and as stored (prompts
+    of before the layout knob) never share an embedding, even in one cache."""
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import Compose
+
+    from scripts.data.transforms import LoadImageAnyd, SamChannelsd, SamInputd, SamIntensityd
+
+    xy = np.random.default_rng(2).integers(0, 256, (40, 30)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(xy[:, :, None], np.eye(4)), str(tmp_path / "slide.nii.gz"))
+    net = quiet(PTSAM, "tiny").eval()
+    cache = EncodeImaged(net, cache_dir=tmp_path / "cache")
+    inputs = {}
+    for layout in ("display", "stored"):
+        prepare = Compose(
+            [
+                LoadImageAnyd("image"),
+                SamIntensityd("image"),
+                SamChannelsd("image"),
+                SamInputd("image", 256, layout=layout),
+            ]
+        )
+        inputs[layout] = prepare({"image": str(tmp_path / "slide.nii.gz")})["image"].as_tensor()
+    assert torch.allclose(inputs["display"], inputs["stored"].transpose(-2, -1), atol=1e-5)  # one image, transposed
+    assert cache.key_of(inputs["display"]) != cache.key_of(inputs["stored"])
+    with torch.no_grad():
+        for image in inputs.values():
+            assert torch.equal(cache.embedding(image), net.encode(image[None])[0])
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2

@@ -54,7 +54,8 @@ def test_onnx_file_carries_the_training_recipe(tmp_path):
     from scripts.export import main
 
     net = quiet(PTSAM, "tiny", n_md_prompts=8).eval()
-    recipe = from_knobs(**{**LEGACY, "intensity": "window", "a_min": -100, "a_max": 200}, image_size=256)
+    knobs = {**LEGACY, "layout": "display", "intensity": "window", "a_min": -100, "a_max": 200}
+    recipe = from_knobs(**knobs, image_size=256)
     model = save_prompts(net, tmp_path / "models" / "model.pt", recipe)
     config = str(BUNDLE / "configs" / "inference.yaml")
     path = quiet(main, str(tmp_path / "model.onnx"), config, sam_variant="tiny", model_path=str(model))

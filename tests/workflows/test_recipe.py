@@ -10,7 +10,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from helpers import BUNDLE, monai_bundle, quiet
-from scripts.engine.recipe import KNOBS, LEGACY, RecipeMismatchError, as_trained, from_knobs
+from scripts.engine.recipe import ADDED, KNOBS, LEGACY, RecipeMismatchError, as_trained, from_knobs
 from scripts.model.network import PTSAM
 from scripts.model.prompt_file import RECIPE_KEY, load_prompts, read_recipe, save_prompts
 
@@ -42,6 +42,7 @@ def test_model_pt_records_the_training_recipe(ct_model):
     assert set(recipe) == set(KNOBS)
     assert (recipe["intensity"], recipe["a_min"], recipe["a_max"]) == ("window", -100.0, 200.0)
     assert recipe["image_size"] == 256 and recipe["classes"] == [1] and recipe["class_names"] == ["foreground"]
+    assert recipe["layout"] == "display"  # new trainings: every format as viewers show it
     net = quiet(PTSAM, "tiny")
     load_prompts(net, ct_model / "models" / "model.pt")  # the recipe entry is not a weight: a strict load works
 
@@ -88,13 +89,42 @@ def test_an_old_model_pt_loads_with_the_old_defaults_and_a_note(tmp_path, caplog
     assert RECIPE_KEY not in torch.load(old, weights_only=True) and read_recipe(old) is None
     with caplog.at_level(logging.WARNING):
         recipe = as_trained(old, 256)
-    assert recipe == from_knobs(**LEGACY, image_size=256)
+    assert recipe == from_knobs(**LEGACY, **ADDED, image_size=256) and recipe["layout"] == "stored"
     assert "records no preprocessing recipe" in caplog.text
     assert as_trained(old, 256, intensity="window")["intensity"] == "window"  # nothing recorded to contradict
 
 
+def test_a_model_pt_of_before_the_layout_knob_keeps_the_stored_layout(tmp_path):
+    """Its prompts were trained on arrays as read: evaluation, inference and MONAI Label's
+    inference (all inference.yaml) keep feeding them so, and refuse being told otherwise."""
+    recipe = from_knobs(**LEGACY, **ADDED, image_size=256)
+    del recipe["layout"]
+    path = save_prompts(quiet(PTSAM, "tiny"), tmp_path / "model.pt", recipe)
+    assert "layout" not in read_recipe(path)
+    assert as_trained(path, 256)["layout"] == as_trained(path, 256, layout="stored")["layout"] == "stored"
+    with pytest.raises(RecipeMismatchError, match="layout: model.pt has 'stored', given 'display'"):
+        as_trained(path, 256, layout="display")
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
+    parser.update({"bundle_root": str(BUNDLE), "sam_variant": "tiny", "model_path": str(path)})
+    assert parser.get_parsed_content("preprocessing").transforms[-1].layout == "stored"
+
+
+def test_a_training_state_of_before_the_layout_knob_resumes_only_as_stored(tmp_path):
+    import json
+
+    from scripts.engine.resume import ResumeMismatchError, check_identity
+
+    recipe = from_knobs(**LEGACY, **ADDED, image_size=256)
+    old = {k: v for k, v in recipe.items() if k != "layout"}
+    state = {"identity": json.dumps({**old, "seed": 0}, sort_keys=True)}
+    check_identity(tmp_path / "state.ckpt", state, {"recipe": recipe, "seed": 0})  # layout: stored
+    with pytest.raises(ResumeMismatchError, match=r"--layout 'stored' \(now 'display'\)"):
+        check_identity(tmp_path / "state.ckpt", state, {"recipe": {**recipe, "layout": "display"}, "seed": 0})
+
+
 def test_values_compare_in_canonical_form(tmp_path):
-    recipe = from_knobs(**{**LEGACY, "label_map": {255: 1}, "a_min": -100}, image_size=256)
+    recipe = from_knobs(**{**LEGACY, **ADDED, "label_map": {255: 1}, "a_min": -100}, image_size=256)
     path = save_prompts(quiet(PTSAM, "tiny"), tmp_path / "model.pt", recipe)
     assert read_recipe(path)["label_map"] == {"255": 1}  # JSON keys are strings ...
     assert as_trained(path, 256, label_map={255: 1}, a_min=-100.0) == recipe  # ... and still agree
@@ -109,3 +139,4 @@ def test_training_defaults_are_what_old_files_assume():
     unnoticed (change both, knowingly, if a default ever changes)."""
     config = ConfigParser.load_config_file(str(BUNDLE / "configs" / "train.yaml"))
     assert {k: config[k] for k in LEGACY} == LEGACY
+    assert set(ADDED) <= set(config) and config["layout"] == "display" != ADDED["layout"]  # knowingly: see ADDED

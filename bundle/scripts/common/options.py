@@ -110,6 +110,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "a_max": _number(),
     "intensity": _choice("auto", "window", "percentile", "none"),
     "scale": _choice("resize", "native"),
+    "layout": _choice("display", "stored"),
     "sw_blend": _choice("gaussian", "constant"),
     "cache_dtype": _choice("float32", "float16"),
     "encoder_engine": _choice("torch", "onnxruntime", "openvino"),

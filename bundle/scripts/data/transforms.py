@@ -8,6 +8,13 @@ A volume is a stack of 2D slices along ``slice_axis`` (a spatial axis; by defaul
 axial axis: the one most aligned with the body's long axis for NIfTI/DICOM, Z for TIFF
 stacks). ``SamInputd`` turns a 2D image (C, H, W) into (3, S, S) and a volume into a stack
 (3, n, S, S); ``InvertSamInputd`` maps the network's output back onto the input's grid.
+
+Layout: NIfTI and DICOM arrays are read (x, y), columns first, PNG, JPEG and TIFF arrays
+(rows, columns) (``scripts.data.io.formats.COLUMNS_FIRST``). With ``layout="display"`` (the
+default) ``SamInputd`` swaps the in-plane axes of the former, so the network sees every image,
+and every slice of a volume, as viewers show it (rows = y), whatever its format;
+``InvertSamInputd`` swaps them back. ``layout="stored"`` feeds arrays as read (prompts trained
+before the knob existed saw that).
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ from monai.transforms import MapTransform, Randomizable
 from ..common.flags import flag
 from ..model.sam import PIXEL_MEAN, PIXEL_STD
 from .io import read_image
+from .io.formats import COLUMNS_FIRST
 from .labels import LabelValueError, class_masks, class_of_values, describe_bad_labels
 from .meta import meta_int, meta_of, meta_pair
 from .pairs import label_on_image_grid
 
 _MAX_QUANTILE_SAMPLES = 1 << 22
+LAYOUTS = ("display", "stored")  # what SamInputd shows the network: see the module's docstring
 
 
 class LoadImageAnyd(MapTransform):
@@ -36,7 +45,9 @@ class LoadImageAnyd(MapTransform):
     float32 channel-first ``MetaTensor`` with the file's metadata (see ``scripts.data.io.readers``).
     Keys read together with ``image_key`` (labels) are put on its voxel grid, or refused
     (``scripts.data.pairs``); the keys in ``label_keys`` hold label maps, whose stored values are
-    kept (a palette PNG's indices)."""
+    kept (a palette PNG's indices). Each key's ``columns_first`` tells ``SamInputd`` whether its
+    array is (x, y): a label put on its image's grid is laid out as that image, whatever its own
+    format."""
 
     def __init__(
         self,
@@ -53,9 +64,12 @@ class LoadImageAnyd(MapTransform):
         d = dict(data)
         loaded = {key: read_image(d[key], as_label=key in self.label_keys) for key in self.key_iterator(d)}
         for key, (array, meta) in loaded.items():
+            grid = meta
             if key != self.image_key and self.image_key in loaded:
-                array, meta = label_on_image_grid(array, meta, loaded[self.image_key][1])
+                grid = loaded[self.image_key][1]
+                array, meta = label_on_image_grid(array, meta, grid)
             meta = dict(meta)  # the image's stays whole for the labels after it
+            meta["columns_first"] = grid["format"] in COLUMNS_FIRST
             affine = torch.as_tensor(meta.pop("affine"))
             meta["axial_axis"] = -1 if meta["axial_axis"] is None else meta["axial_axis"]
             d[key] = MetaTensor(torch.from_numpy(array.astype(np.float32)), affine=affine, meta=meta)
@@ -259,6 +273,13 @@ class SampleSlicesd(Randomizable, MapTransform):
         return samples
 
 
+def _columns_first(meta: Mapping) -> bool:
+    """Whether an array's in-plane axes are (x, y): as ``LoadImageAnyd`` recorded it, else by format."""
+    if "columns_first" in meta:
+        return bool(meta_int(meta["columns_first"]))
+    return meta.get("format") in COLUMNS_FIRST
+
+
 class SamInputd(MapTransform):
     """SAM's input geometry: the longest in-plane side resized to ``image_size`` (bilinear with
     antialiasing), images normalised with SAM's mean and std, then padded at the bottom and
@@ -271,6 +292,8 @@ class SamInputd(MapTransform):
     ``InvertSamInputd`` is nearly unchanged even where the image is shrunk.
     With ``resize=False`` (native scale, for sliding-window inference over images much larger
     than S) the image keeps its size and is only normalised and padded to at least S x S.
+    ``layout="display"`` first swaps the in-plane axes of (x, y) arrays (NIfTI, DICOM) so that
+    rows run along y, as viewers show them; ``"stored"`` keeps every array as read.
     The geometry is recorded in the metadata for ``InvertSamInputd``.
     """
 
@@ -282,14 +305,18 @@ class SamInputd(MapTransform):
         num_classes: int = 1,
         slice_axis: int | None = None,
         resize: bool = True,
+        layout: str = "display",
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.size = int(image_size)
         self.image_keys = {image_keys} if isinstance(image_keys, str) else set(image_keys)
         self.num_classes = int(num_classes)
         self.slice_axis = slice_axis
         self.resize = flag(resize)
+        self.layout = layout
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -301,6 +328,9 @@ class SamInputd(MapTransform):
                 axis = _slice_axis(meta, self.slice_axis, 3)
                 x = x.movedim(1 + axis, 1)  # C, n, H, W
             stack = torch.as_tensor(x).reshape(x.shape[0], -1, *x.shape[-2:]).transpose(0, 1)  # n, C, H, W
+            transposed = self.layout == "display" and _columns_first(meta)
+            if transposed:  # (x, y) -> rows along y, as displayed
+                stack = stack.transpose(-2, -1)
             H, W = stack.shape[-2:]
             scale = self.size / max(H, W) if self.resize else 1.0
             resized = (int(H * scale + 0.5), int(W * scale + 0.5))  # as SAM's ResizeLongestSide
@@ -315,12 +345,14 @@ class SamInputd(MapTransform):
             out = stack.transpose(0, 1)
             out = out if axis >= 0 else out[:, 0]
             meta.update(sam_slice_axis=axis, sam_in_plane=(H, W), sam_resized=resized, sam_size=self.size)
+            meta["sam_transposed"] = transposed  # sam_in_plane is (H, W) as the network sees it
             d[key] = MetaTensor(out.contiguous(), meta=meta)
         return d
 
 
 def invert_sam_geometry(pred: torch.Tensor, meta: Mapping, mode: str = "bilinear") -> torch.Tensor:
-    """(K, S, S) or (K, n, S, S) in SAM's geometry -> (K, *spatial) on the input's grid.
+    """(K, S, S) or (K, n, S, S) in SAM's geometry -> (K, *spatial) on the input's grid (in-plane
+    axes swapped back where ``SamInputd`` swapped them).
 
     Logits and soft class masks are interpolated bilinearly; ``mode="nearest"`` keeps values."""
     h, w = meta_pair(meta["sam_resized"])
@@ -332,13 +364,16 @@ def invert_sam_geometry(pred: torch.Tensor, meta: Mapping, mode: str = "bilinear
         stack = F.interpolate(stack, (H, W), mode="nearest-exact")
     else:
         stack = F.interpolate(stack, (H, W), mode="bilinear", align_corners=False)
+    if bool(meta_int(meta.get("sam_transposed", False))):
+        stack = stack.transpose(-2, -1)
     out = stack.transpose(0, 1)
     return out.movedim(1, 1 + axis) if axis >= 0 else out[:, 0]
 
 
 class InvertSamInputd(MapTransform):
     """Undo ``SamInputd`` on predictions: crop the padding, resize back (bilinear for logits),
-    restore the slice axis. The geometry is read from ``ref_key``'s metadata."""
+    swap the in-plane axes back where they were swapped, restore the slice axis. The geometry is
+    read from ``ref_key``'s metadata."""
 
     def __init__(self, keys: KeysCollection = "pred", ref_key: str = "image", mode: str = "bilinear", **kw):
         super().__init__(keys, kw.pop("allow_missing_keys", False))

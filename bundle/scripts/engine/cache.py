@@ -3,9 +3,10 @@
 With no image-encoder prompts the encoder is frozen and its output for a given
 preprocessed image never changes. ``EncodeImaged`` puts the image's embedding under the
 ``embedding`` key, kept on disk and, up to ``ram_mb``, in memory (least recently used first
-out), under a key made of the image's bytes, the backbone's fingerprint (which covers the
-variant and its weights), the encoder's code and attention path, and the cache format: a
-second run reuses it, and a change of code never serves a stale embedding.
+out), under a key made of the image's bytes (as preprocessed: a recipe knob that changes what
+the encoder sees, the layout included, changes the key), the backbone's fingerprint (which
+covers the variant and its weights), the encoder's code and attention path, and the cache
+format: a second run reuses it, and a change of code never serves a stale embedding.
 ``prepare_batch`` then hands the network the embeddings with ``embedded=True``: the network
 decodes them without guessing what it was given.
 """

@@ -4,7 +4,8 @@ Training records it in ``model.pt`` (``ptsam_recipe``) beside the prompts. Evalu
 inference, export and the MONAI Label app take it from there: their recipe knobs default to
 null ("as trained"); a value given explicitly must agree with the recorded one, or the run
 stops before any work with a message naming both. A ``model.pt`` written before recipes were
-recorded loads with ``LEGACY``, the defaults of that time, and a note saying so.
+recorded loads with ``LEGACY``, the defaults of that time, and a note saying so. A knob added
+since (``ADDED``) is read, where a recorded recipe lacks it, as what the files of before saw.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ KNOBS = (
     "label_map",  # label values rewritten first
     "class_names",
     "image_size",  # the network's input size (follows sam_variant)
+    "layout",  # display (NIfTI/DICOM in-plane axes swapped to rows = y) | stored (arrays as read)
 )
 
 # The defaults of the bundle before model.pt carried a recipe (what such files were trained with).
@@ -48,6 +50,9 @@ LEGACY: dict[str, Any] = {
     "label_map": {},
     "class_names": ["foreground"],
 }
+
+# Knobs recorded since recipes were, with what the model.pt files written before them saw.
+ADDED: dict[str, Any] = {"layout": "stored"}
 
 
 class RecipeMismatchError(ValueError):
@@ -71,6 +76,7 @@ _NORMAL = {
     "label_map": lambda v: {int(k): int(x) for k, x in (v or {}).items()},  # JSON keys are strings
     "class_names": lambda v: [str(n) for n in v],
     "image_size": int,
+    "layout": str,
 }
 
 
@@ -88,6 +94,13 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def recorded_recipe(model_path: str | Path) -> dict[str, Any] | None:
+    """The recipe ``model_path`` records, with the knobs added since it was written (``ADDED``);
+    None if it records none."""
+    recorded = read_recipe(model_path)
+    return None if recorded is None else {**ADDED, **recorded}
+
+
 def as_trained(model_path: str | Path, image_size: int, **given: Any) -> dict[str, Any]:
     """The recipe ``model_path`` was trained with, checked against the knobs given explicitly
     (non-null ``given`` values). Without a ``model_path`` yet, the given knobs over ``LEGACY``
@@ -97,16 +110,16 @@ def as_trained(model_path: str | Path, image_size: int, **given: Any) -> dict[st
         raise TypeError(f"not recipe knobs: {sorted(unknown)}")
     explicit = {k: v for k, v in given.items() if v is not None}
     path = Path(model_path)
-    recorded = read_recipe(path) if path.is_file() else None
+    recorded = recorded_recipe(path) if path.is_file() else None
     if recorded is None:
         if path.is_file():
             logger.warning(
                 "%s records no preprocessing recipe (written by an older bundle): assuming that "
                 "version's defaults %s, with the knobs given here",
                 path,
-                LEGACY,
+                {**LEGACY, **ADDED},
             )
-        return normalize({**LEGACY, "image_size": image_size, **explicit})
+        return normalize({**LEGACY, **ADDED, "image_size": image_size, **explicit})
     recorded = normalize(recorded)
     mine = normalize({**recorded, **explicit, "image_size": image_size})
     clashes = [

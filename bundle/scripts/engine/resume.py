@@ -40,6 +40,7 @@ from monai.transforms import Compose, Randomizable
 from ..common.files import atomic_torch_save, lock_folder
 from ..common.flags import flag
 from .distributed import rank, unwrap
+from .recipe import ADDED
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ def check_identity(path: str | Path, state: Mapping[str, Any], identity: Mapping
     if "identity" not in state:
         raise ResumeMismatchError(f"{advice}. It records no identity (an older bundle wrote it).")
     was, now = json.loads(state["identity"]), _plain(identity)
+    if "intensity" in was:  # a recipe recorded before knobs were added: what it saw (as model.pt's)
+        was = {**ADDED, **was}
     found = [_difference(k, was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
     if found:
         raise ResumeMismatchError(f"{advice}. It differs in:\n  " + "\n  ".join(found))
