@@ -60,6 +60,8 @@ def test_training_is_tracked_in_the_local_store(synthetic, tmp_path):
     assert PARAMS <= set(run.data.params)
     assert run.data.params["n_training_images"] == "4" and run.data.params["sam_variant"] == "tiny"
     assert run.data.params["random_weights"] == "True"  # tiny without a checkpoint: seeded random weights
+    # what was used, not the knob's null: on exactly when image-encoder prompts train (none here)
+    assert run.data.params["activation_checkpointing"] == "False" and run.data.params["amp_dtype"] == "None"
     assert run.data.tags["bundle_version"] == "0.1.0" and run.data.tags["kind"] == "train"
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a clone: the commit is recorded where MLflow's UI shows it
