@@ -12,8 +12,21 @@ in — for deployment without this bundle.
     python -m scripts.export --filepath models/model.onnx [--sam_checkpoint ...]
 
   The ONNX file carries the training's preprocessing recipe (``scripts.engine.recipe``) as
-  JSON in its metadata (``ptsam_recipe``): a deployment without this bundle must prepare
-  images the same way.
+  JSON in its metadata (``ptsam_recipe``), and what the network takes and gives
+  (``ptsam_io``, see ``IO``). The TorchScript file carries neither: MONAI stores
+  ``inference.yaml``, whose recipe knobs are null ("as in model.pt").
+
+What either export computes is the network alone, on images prepared as the bundle prepares
+them; a deployment without the bundle must do the same, or it gets labels for other inputs
+than the prompts learned, with no error:
+
+- intensities mapped to 0..255 as the recipe says (``intensity``, ``a_min``/``a_max``), three
+  channels (``channels``), a volume cut into 2D slices along ``slice_axis``;
+- the longest side resized to S (``scale: resize``; with ``scale: native`` the image keeps its
+  size and S x S tiles go through the network by a sliding window), normalised with SAM's
+  pixel mean and std, padded with zeros at the bottom and right to S x S;
+- out: one logit map per class (each class its own sigmoid); the label is class c + 1 where
+  its logit is highest and positive, else 0; crop the padding off and resize back.
 """
 
 from __future__ import annotations
@@ -28,8 +41,28 @@ import torch
 from .engine.distributed import unwrap
 from .model.prompt_file import RECIPE_KEY, load_prompts
 from .model.runtime import write_onnx
+from .model.sam import PIXEL_MEAN, PIXEL_STD
 
 logger = logging.getLogger(__name__)
+
+
+IO_KEY = "ptsam_io"
+
+
+def io_description(network: torch.nn.Module, recipe: dict[str, Any]) -> dict[str, Any]:
+    """What the exported network takes and gives (the module docstring says it in words)."""
+    return {
+        "input": "image (B, 3, S, S) float32: intensities mapped to 0..255 by the recipe, longest side "
+        "resized to S (scale 'resize'; 'native': S x S tiles of a sliding window), (x - pixel_mean) / "
+        "pixel_std, zero-padded at the bottom and right",
+        "image_size": network.img_size,
+        "pixel_mean": list(PIXEL_MEAN),
+        "pixel_std": list(PIXEL_STD),
+        "output": "pred (B, num_classes, S, S) float32 logits, one sigmoid per class; label = class c + 1 "
+        "where its logit is highest and > 0, else 0",
+        "class_names": recipe["class_names"],
+        "classes": recipe["classes"],
+    }
 
 
 def _parser(config_file: str, overrides: dict[str, Any]) -> Any:
@@ -91,7 +124,13 @@ def main(filepath: str = "models/model.onnx", config_file: str = "configs/infere
     network = build_network(config_file, **overrides)
     recipe = trained_recipe(config_file, **overrides)
     path = export_onnx(network, filepath)
-    add_metadata(path, {RECIPE_KEY: json.dumps(recipe, sort_keys=True)})
+    add_metadata(
+        path,
+        {
+            RECIPE_KEY: json.dumps(recipe, sort_keys=True),
+            IO_KEY: json.dumps(io_description(network, recipe), sort_keys=True),
+        },
+    )
     try:
         logger.info("onnxruntime vs PyTorch: max |difference| %.2e", onnx_difference(network, path))
     except ImportError:

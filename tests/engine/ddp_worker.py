@@ -26,6 +26,9 @@ parser.update(
 )
 parser.get_parsed_content("initialize")
 parser.get_parsed_content("training")
+trainer = parser.get_parsed_content("train#trainer")
+output = trainer.state.output
+torch.save(float((output[0] if isinstance(output, list) else output)["loss"]), out / f"loss_rank{dist.get_rank()}.pt")
 network = parser.get_parsed_content("network")
 torch.save(network.module.md_prompts.tokens.detach(), out / f"prompts_rank{dist.get_rank()}.pt")
 batches = len(parser.get_parsed_content("train#dataloader"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -33,4 +34,8 @@ def test_two_processes_keep_identical_prompts_and_write_one_model(synthetic, tmp
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])
     assert len(runs) == 1  # tracked by rank 0 only
-    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 3
+    losses = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert len(losses) == 3
+    # each rank trained on other images; the loss logged is the step's, their mean, on both ranks
+    last = [torch.load(tmp_path / f"loss_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert last[0] == last[1] and max(losses, key=lambda m: m.step).value == pytest.approx(last[0])

@@ -60,6 +60,8 @@ def test_training_is_tracked_in_the_local_store(synthetic, tmp_path):
     assert PARAMS <= set(run.data.params)
     assert run.data.params["n_training_images"] == "4" and run.data.params["sam_variant"] == "tiny"
     assert run.data.params["random_weights"] == "True"  # tiny without a checkpoint: seeded random weights
+    # what was used, not the knob's null: on exactly when image-encoder prompts train (none here)
+    assert run.data.params["activation_checkpointing"] == "False" and run.data.params["amp_dtype"] == "None"
     assert run.data.tags["bundle_version"] == "0.1.0" and run.data.tags["kind"] == "train"
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a clone: the commit is recorded where MLflow's UI shows it
@@ -259,6 +261,56 @@ def test_an_error_during_training_ends_the_run_failed(synthetic, tmp_path):
     assert runs[0].data.tags["error"] == "ZeroDivisionError: division by zero"
 
 
+def _training(synthetic: Path, out: Path, epochs: int):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / TRAIN))
+    parser.update(
+        {
+            "bundle_root": str(BUNDLE),
+            "dataset_dir": str(synthetic / "microscopy"),
+            "output_dir": str(out / "eval"),
+            "ckpt_dir": str(out / "models"),
+            "sam_variant": "tiny",
+            "device": "$torch.device('cpu')",
+            "epochs": epochs,
+            "early_stop_patience": 0,
+            "system_metrics_interval": 0,
+        }
+    )
+    quiet(parser.get_parsed_content, "initialize")
+    return quiet(parser.get_parsed_content, "train#trainer")
+
+
+@pytest.mark.parametrize("when", ["in_epoch_3", "just_after_epoch_2_is_saved"])
+def test_a_resumed_run_holds_each_step_once_the_kept_one(synthetic, tmp_path, when):
+    from ignite.engine import Events
+
+    def interrupt(engine):
+        raise KeyboardInterrupt
+
+    trainer = _training(synthetic, tmp_path, epochs=4)
+    if when == "in_epoch_3":  # after its step's loss is known, before its state is saved
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), interrupt)
+    else:  # attached when the run starts, after the state's save is: right after it
+        add = trainer.add_event_handler
+        trainer.add_event_handler(Events.STARTED, lambda t: add(Events.EPOCH_COMPLETED(once=2), interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        quiet(trainer.run)
+    assert torch.load(tmp_path / "models" / "training_state.ckpt", weights_only=True)["epoch"] == 2
+    client, runs = _runs(_store(tmp_path))
+    run_id = runs[0].info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]  # the saved epochs
+
+    quiet(_training(synthetic, tmp_path, epochs=4).run)
+    client, runs = _runs(_store(tmp_path))
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    for key in ("train_loss", "lr", "val_mean_dice"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3, 4], key  # each epoch once: the kept one
+    aside = "interrupted_epoch_metrics.json" in {a.path for a in client.list_artifacts(run_id)}
+    assert aside == (when == "in_epoch_3")
+
+
 def test_the_trained_prompts_are_a_registered_mlflow_model_that_segments(synthetic, tmp_path, tiny_sam_file):
     args = _args(synthetic, tmp_path, "--epochs", "2", "--registered_model_name", "ptsam")
     done = monai_bundle("run", "training", "--config_file", TRAIN, *args)
@@ -305,3 +357,26 @@ def test_a_registered_name_of_another_model_is_refused_before_any_work(tmp_path)
         run.check_registered_name("ptsam_b")
     client.set_registered_model_tag("ptsam_b", REGISTRY_FINGERPRINT_TAG, "backbone-a")
     run.check_registered_name("ptsam_b")  # the same backbone: a new version is fine
+
+
+@pytest.mark.parametrize("user_uri", [None, "sqlite:///{tmp}/theirs.db"])
+def test_logging_a_model_leaves_later_runs_their_own_store(tmp_path, monkeypatch, user_uri):
+    from scripts.model.network import PTSAM
+    from scripts.model.prompt_file import save_prompts
+
+    monkeypatch.chdir(tmp_path)  # MLflow's own default store would be ./mlflow.db
+    if user_uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", user_uri.format(tmp=tmp_path))
+    model = save_prompts(quiet(PTSAM, "tiny", n_md_prompts=2), tmp_path / "model.pt")
+    first = TrackingRun(tracking_uri=_store(tmp_path / "first"), output_dir=tmp_path / "first")
+    (tmp_path / "first" / "eval").mkdir(parents=True)
+    first.start()
+    quiet(first.log_model, model)
+    first.finish()
+    assert os.environ.get("MLFLOW_TRACKING_URI") == (user_uri and user_uri.format(tmp=tmp_path))
+    later = TrackingRun(output_dir=tmp_path / "later")  # the next training of the same process
+    expected = user_uri.format(tmp=tmp_path) if user_uri else f"sqlite:///{(tmp_path / 'later').resolve()}/mlruns.db"
+    assert later.uri == expected
+    assert not (tmp_path / "mlflow.db").exists()

@@ -61,3 +61,31 @@ def test_onnx_file_carries_the_training_recipe(tmp_path):
     path = quiet(main, str(tmp_path / "model.onnx"), config, sam_variant="tiny", model_path=str(model))
     props = {p.key: p.value for p in onnx.load(path).metadata_props}
     assert json.loads(props["ptsam_recipe"]) == json.loads(json.dumps(recipe))
+
+
+def test_onnx_with_image_encoder_prompts_and_two_classes(tmp_path):
+    import json
+
+    import onnx
+
+    from scripts.engine.recipe import LEGACY, from_knobs
+    from scripts.export import main
+
+    net = quiet(PTSAM, "tiny", n_md_prompts=4, n_ie_prompts=2, num_classes=2).eval()
+    with torch.no_grad():  # trained prompts: the export must carry these, not fresh ones
+        net.md_prompts.tokens.add_(torch.randn_like(net.md_prompts.tokens))
+        net.ie_prompts.tokens.normal_(0, 1)
+    recipe = from_knobs(**{**LEGACY, "classes": [1, 2], "class_names": ["a", "b"]}, image_size=256)
+    model = save_prompts(net, tmp_path / "models" / "model.pt", recipe)
+    config = str(BUNDLE / "configs" / "inference.yaml")
+    knobs = {"sam_variant": "tiny", "n_md_prompts": 4, "n_ie_prompts": 2, "num_classes": 2}
+    path = quiet(main, str(tmp_path / "model.onnx"), config, model_path=str(model), **knobs)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    image = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        expected = net(image).numpy()
+    out = session.run(None, {"image": image.numpy()})[0]
+    assert out.shape == (2, 2, 256, 256)
+    assert np.abs(out - expected).max() <= 1e-4
+    io = json.loads({p.key: p.value for p in onnx.load(path).metadata_props}["ptsam_io"])
+    assert io["image_size"] == 256 and io["class_names"] == ["a", "b"] and len(io["pixel_mean"]) == 3

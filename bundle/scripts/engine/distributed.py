@@ -62,6 +62,31 @@ def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, broadcast_buffers=False)
 
 
+class MeanLoss:
+    """Every iteration, the loss averaged over the ranks, in place of this rank's own: each rank
+    trains on its share of the step's images, and what rank 0 logs (``train_loss``) and
+    summarises is the step's loss, not its share's. Attached first, on every rank."""
+
+    every_rank = True
+
+    def attach(self, trainer: Any) -> None:
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, trainer: Any) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        output = trainer.state.output
+        items = [o for o in (output if isinstance(output, list) else [output]) if isinstance(o, dict) and "loss" in o]
+        if not items:
+            return
+        loss = torch.as_tensor(items[0]["loss"]).detach().float().reshape(1).clone()
+        dist.all_reduce(loss)
+        for item in items:
+            item["loss"] = loss[0] / dist.get_world_size()
+
+
 def runs_on_every_rank(handler: Any) -> bool:
     """What every rank needs to stay in step: MONAI's learning-rate schedule and validation, and
     this bundle's handlers marked ``every_rank`` (early stopping, the training state)."""

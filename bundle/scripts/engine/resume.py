@@ -272,10 +272,12 @@ class TrainingState:
         if self.identity is not None:
             state["identity"] = json.dumps(_plain(self.identity), sort_keys=True)
         atomic_torch_save(state, self.path)
+        trainer.state.saved_epoch = trainer.state.epoch  # MLflow's metrics of an epoch wait for this
 
     def load(self, trainer: Engine) -> None:
         # Only a fresh trainer resumes: one that runs again in the same process (MONAI FL's
         # rounds) goes on from what it holds, the global weights just copied in.
+        trainer.state.saved_epoch = trainer.state.epoch
         if not self.resume or not self.path.is_file() or trainer.state.iteration > 0:
             return
         state = read_state(self.path)
@@ -293,6 +295,7 @@ class TrainingState:
         max_epochs = trainer.state.max_epochs
         kept = {key: getattr(trainer.state, key) for key in trainer.state_dict_user_keys}
         trainer.load_state_dict({**kept, **state["trainer"], "max_epochs": max(max_epochs, state["epoch"])})
+        trainer.state.saved_epoch = trainer.state.epoch
         if "random" in state:
             set_random_states(state["random"], self.transforms)
         if getattr(trainer.state, "stopped_early", False):

@@ -6,7 +6,9 @@ server instead, which is checked before any long work starts. ``tracking: false`
 off. Only rank 0 of a distributed run talks to MLflow.
 
 ``TrainTracking`` (a trainer handler) logs the parameters, ``train_loss`` and ``lr`` (the rate
-that step used) every iteration, the validation metrics after every validation, and at the end
+that step used) of every iteration and the metrics of every validation, each epoch's once its
+training state is saved (a resumed training redoes an interrupted epoch: its values would
+otherwise be in the run twice, those of the lost epoch beside the kept), and at the end
 the parameters as resolved by MONAI's parser (``config/resolved_config.json``), the command
 line and ``model.pt``. ``EvalTracking`` (an evaluator handler) logs the evaluation metrics,
 ``metrics.csv`` and the overlays. When MONAI's own ``--tracking mlflow`` adds its
@@ -27,7 +29,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -41,6 +44,7 @@ from .handlers import iteration_loss, learning_rate, numeric_metrics, on_validat
 logger = logging.getLogger(__name__)
 
 BUNDLE = Path(__file__).resolve().parents[2]
+ENV_URI = "MLFLOW_TRACKING_URI"
 
 
 class TrackingError(RuntimeError):
@@ -58,7 +62,7 @@ def resolve_uri(tracking_uri: str | None, output_dir: str | Path) -> str:
     """``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite store in ``output_dir``."""
     from monai.utils import path_to_sqlite_uri
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri or os.environ.get(ENV_URI)
     if uri:
         return str(uri)
     return path_to_sqlite_uri(Path(output_dir).resolve() / "mlruns.db")
@@ -191,6 +195,11 @@ class TrackingRun:
         if self.run_id:
             self.client.log_metric(self.run_id, key, float(value), step=step)
 
+    def log_metrics(self, metrics: Sequence[Any]) -> None:
+        """MLflow ``Metric`` entries, in batches (each keeps the time it was measured)."""
+        for start in range(0, len(metrics) if self.run_id else 0, 1000):
+            self.client.log_batch(self.run_id, metrics=list(metrics[start : start + 1000]))
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if not self.run_id or not path.exists():
@@ -242,13 +251,8 @@ class TrackingRun:
 
         from ..mlflow_model import log_model
 
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        try:
-            with mlflow.start_run(run_id=self.run_id):
-                info = log_model(model_path, registered_model_name)
-        finally:
-            mlflow.set_tracking_uri(previous)
+        with fluent_uri(self.uri), mlflow.start_run(run_id=self.run_id):
+            info = log_model(model_path, registered_model_name)
         if registered_model_name:
             fingerprint = str(self.params.get("backbone_fingerprint", ""))
             self.client.set_registered_model_tag(registered_model_name, REGISTRY_FINGERPRINT_TAG, fingerprint)
@@ -261,6 +265,27 @@ class TrackingRun:
             self._monitor = None
         if self.run_id:
             self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for the block, then put back as it was.
+    ``set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI``, which ``resolve_uri`` reads: left
+    behind, it would send every later run of the process (MONAI Label trains again and again in
+    one) to that store instead of its own ``output_dir``."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    env, previous = os.environ.get(ENV_URI), utils._tracking_uri  # None: not set (get_ would resolve it)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop(ENV_URI, None)
+        else:
+            os.environ[ENV_URI] = env
 
 
 class Terminated(SystemExit):
@@ -319,8 +344,13 @@ class TrainTracking:
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
         self._previous_sigterm: Any = None
         self._lr: float | None = None
+        self._pending: list[Any] = []  # this epoch's metrics, logged once its state is saved
+        self._flushing = False
 
     def _start(self, trainer: Engine) -> None:
+        if not self._flushing:  # attached now, after every handler, the training state's save included
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, self._flush)
+            self._flushing = True
         if self.run.run_id is not None:
             return
         self.run.start(continue_run=trainer.state.mlflow_run_id or None)
@@ -337,6 +367,13 @@ class TrainTracking:
         """Close the run as KILLED (SIGTERM, Ctrl-C) or FAILED, with the error as a tag; then
         let the error go on (Ignite hands it to this handler instead of raising it)."""
         self._restore_sigterm()
+        saved = getattr(trainer.state, "saved_epoch", None)  # set by the training state, if any
+        if saved is None or saved >= trainer.state.epoch:  # this epoch is kept: never redone
+            self._flush()
+        elif self.run.run_id and self._pending:  # an epoch that a resumed training redoes: kept aside
+            unsaved = [{"key": m.key, "value": m.value, "step": m.step} for m in self._pending]
+            self.run.log_text(json.dumps(unsaved, indent=1), "interrupted_epoch_metrics.json")
+        self._pending = []
         if self.run.run_id:
             killed = isinstance(error, (KeyboardInterrupt, SystemExit))
             reason = "SIGTERM" if isinstance(error, Terminated) else f"{type(error).__name__}: {error}"
@@ -351,15 +388,26 @@ class TrainTracking:
         step = trainer.state.iteration
         loss = iteration_loss(trainer)
         if loss is not None:
-            self.run.log_metric("train_loss", loss, step)
+            self._measured("train_loss", loss, step)
         if self._lr is not None:
-            self.run.log_metric("lr", self._lr, step)
+            self._measured("lr", self._lr, step)
 
     def _validated(self, trainer: Engine, metrics: Mapping[str, Any]) -> None:
         for key, value in numeric_metrics(metrics).items():
-            self.run.log_metric(key, value, trainer.state.epoch)
+            self._measured(key, value, trainer.state.epoch)
+
+    def _measured(self, key: str, value: float, step: int) -> None:
+        from mlflow.entities import Metric
+
+        if self.run.run_id:
+            self._pending.append(Metric(key, float(value), int(time.time() * 1000), step))
+
+    def _flush(self, trainer: Engine | None = None) -> None:
+        pending, self._pending = self._pending, []
+        self.run.log_metrics(pending)
 
     def _complete(self, trainer: Engine) -> None:
+        self._flush()
         self.run.log_text(json.dumps(self.run.params, indent=2, default=str), "config/resolved_config.json")
         self.run.log_text(" ".join(sys.argv), "config/command.txt")
         for path in self.artifacts:

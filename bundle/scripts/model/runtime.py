@@ -229,8 +229,10 @@ class EncoderRuntime:
 
 def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, output_name: str) -> None:
     """``module`` as ONNX with a dynamic batch axis, input ``image``. The example batch should
-    be 2 or more: a batch of 1 would be fixed at 1."""
-    with _quiet("torch.onnx"), warnings.catch_warnings():  # notes on torchvision ops SAM never uses
+    be 2 or more: a batch of 1 would be fixed at 1. Traced without gradients: with trainable
+    image-encoder prompts the traced attention's layout differs from its decomposition's, and
+    the export fails."""
+    with _quiet("torch.onnx"), warnings.catch_warnings(), torch.no_grad():  # notes on torchvision ops SAM never uses
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
