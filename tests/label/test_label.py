@@ -456,7 +456,7 @@ def _prompt_file(
 
     net = PTSAM(sam_variant="tiny", sam_checkpoint=str(generalist), num_classes=len(names))
     classes = classes or list(range(1, len(names) + 1))
-    recipe = {**LEGACY, "classes": classes, "label_map": label_map or {}, "class_names": names}
+    recipe = {**LEGACY, "layout": "display", "classes": classes, "label_map": label_map or {}, "class_names": names}
     recipe = from_knobs(**recipe, image_size=256)
     save_prompts(net, path, recipe=recipe)
 

@@ -75,7 +75,8 @@ def test_onnx_with_image_encoder_prompts_and_two_classes(tmp_path):
     with torch.no_grad():  # trained prompts: the export must carry these, not fresh ones
         net.md_prompts.tokens.add_(torch.randn_like(net.md_prompts.tokens))
         net.ie_prompts.tokens.normal_(0, 1)
-    recipe = from_knobs(**{**LEGACY, "classes": [1, 2], "class_names": ["a", "b"]}, image_size=256)
+    knobs = {**LEGACY, "layout": "display", "classes": [1, 2], "class_names": ["a", "b"]}
+    recipe = from_knobs(**knobs, image_size=256)
     model = save_prompts(net, tmp_path / "models" / "model.pt", recipe)
     config = str(BUNDLE / "configs" / "inference.yaml")
     knobs = {"sam_variant": "tiny", "n_md_prompts": 4, "n_ie_prompts": 2, "num_classes": 2}

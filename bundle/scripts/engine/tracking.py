@@ -403,8 +403,11 @@ class TrainTracking:
             self._pending.append(Metric(key, float(value), int(time.time() * 1000), step))
 
     def _flush(self, trainer: Engine | None = None) -> None:
-        pending, self._pending = self._pending, []
-        self.run.log_metrics(pending)
+        # Cleared once logged: a SIGTERM that lands while they are sent (it is raised right here,
+        # just after the epoch's state was saved) leaves them for ``_failed`` to send again.
+        if self._pending:
+            self.run.log_metrics(self._pending)
+            self._pending = []
 
     def _complete(self, trainer: Engine) -> None:
         self._flush()
