@@ -42,3 +42,8 @@ def amp_kwargs(dtype: str = "auto") -> dict[str, torch.dtype]:
     if name not in _AMP_DTYPES:
         raise ValueError(f"amp_dtype must be auto, bfloat16 or float16, got {dtype!r}")
     return {"dtype": _AMP_DTYPES[name]}
+
+
+def amp_dtype_used(amp: Any, dtype: str = "auto") -> str | None:
+    """The autocast dtype a run uses ('bfloat16', 'float16'), None without AMP: what MLflow records."""
+    return str(amp_kwargs(dtype)["dtype"]).removeprefix("torch.") if flag(amp) else None
