@@ -190,6 +190,34 @@ def test_a_training_state_of_another_training_is_refused_naming_what_differs(syn
         check_state(old, "true", {"seed": 0})
 
 
+def test_a_training_image_changed_in_its_middle_is_another_training(synthetic, tmp_path):
+    """One pixel of a training image, in its middle rows, changed in place (the file keeps its size and
+    its first and last 64 KiB): the training does not go on on other data than it started with."""
+    import shutil
+
+    import tifffile
+
+    dataset = tmp_path / "data"
+    shutil.copytree(synthetic / "microscopy", dataset)
+    image = dataset / "imagesTr" / "cells_001.tif"
+    tifffile.imwrite(image, tifffile.imread(image))  # uncompressed: a pixel is a place in the file
+    args = ["--dataset_dir", str(dataset), "--tracking_enabled", "false"]
+    first = _train(synthetic, tmp_path, *args, "--epochs", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    size = image.stat().st_size
+    pixels = tifffile.memmap(image)
+    row = pixels.shape[0] // 2
+    assert 1 << 16 <= pixels.offset + pixels[:row].nbytes <= size - (1 << 16)  # neither end's 64 KiB
+    pixels[row, 7] ^= 0x5A5A
+    pixels.flush()
+    del pixels
+    assert image.stat().st_size == size
+    done = _train(synthetic, tmp_path, *args, "--epochs", "2")
+    assert done.returncode != 0
+    assert _last_lines(done, 2)[-1] == "  training cases: 1 changed (cells_001.tif)"
+    assert "epoch" not in done.stdout
+
+
 def test_a_second_training_into_the_same_folder_refuses(synthetic, tmp_path):
     args = ["--config_file", TRAIN, "--sam_variant", "tiny", "--dataset_dir", str(synthetic / "microscopy")]
     args += ["--output_dir", str(tmp_path / "eval"), "--ckpt_dir", str(tmp_path / "models")]

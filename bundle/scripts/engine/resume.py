@@ -9,7 +9,7 @@ interruption, even a SIGKILL mid-epoch, it loads that file at start and training
 the last saved epoch. A training that stopped early stays stopped.
 
 The state records the training's identity (``training_identity`` in train.yaml: the recipe,
-the training and validation cases, the backbone, prompts, optimisation and seed); a state
+the training and validation cases by content, the backbone, prompts, optimisation and seed); a state
 recorded with another one is refused, naming what differs, so that a new training into the same
 ``ckpt_dir`` never continues (or silently skips) an old one. ``epochs`` and
 ``early_stop_patience`` may change: a training goes on to the new number of epochs, its
@@ -41,6 +41,7 @@ from ..common.files import atomic_torch_save, lock_folder
 from ..common.flags import flag
 from .distributed import rank, unwrap
 from .recipe import ADDED
+from .splits import image_id
 
 logger = logging.getLogger(__name__)
 
@@ -84,30 +85,26 @@ def claim(ckpt_dir: str | Path) -> None:
 
 # The training's identity.
 
+_BY_CONTENT = "content:"  # how a case's digest starts: older bundles' covered part of each file only
+
 
 def describe_cases(cases: Sequence[Mapping[str, Any]]) -> list[str]:
     """A datalist as the identity records it: each case's image and label by file name, with a
-    digest of their size and first and last bytes (the dataset may move; other files under the
-    same names are another training). A folder (a DICOM series) counts by its name."""
+    digest of their content as the split record identifies it (``splits.image_id``: a file's
+    whole bytes, a DICOM series' SeriesInstanceUID; read once per process). The dataset may move;
+    other files under the same names, or a file changed anywhere in it, are another training."""
     described = []
     for case in cases:
-        paths = [Path(str(case[k])) for k in ("image", "label") if k in case]
-        digest = hashlib.sha256()
-        for path in paths:
-            try:
-                digest.update(_file_digest(path) if path.is_file() else b"")
-            except OSError:  # unreadable: the dataset check names it
-                pass
-        described.append(" + ".join(p.name for p in paths) + f" @ {digest.hexdigest()[:16]}")
+        paths = [str(case[k]) for k in ("image", "label") if k in case]
+        ids = [image_id(path) or "" for path in paths]  # unreadable: the dataset check names it
+        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:32]
+        described.append(" + ".join(Path(p).name for p in paths) + f" @ {_BY_CONTENT}{digest}")
     return described
 
 
-def _file_digest(path: Path, span: int = 1 << 16) -> bytes:
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(span)
-        f.seek(max(size - span, 0))
-        return size.to_bytes(8, "little") + head + f.read(span)
+def _by_part(cases: Any) -> bool:
+    """Cases an older bundle recorded, by a digest of part of each file only."""
+    return isinstance(cases, list) and any(not d.startswith(_BY_CONTENT) for d in _case_names(cases).values())
 
 
 def _case_names(cases: Sequence[str]) -> dict[str, str]:
@@ -149,6 +146,11 @@ def check_identity(path: str | Path, state: Mapping[str, Any], identity: Mapping
     if "identity" not in state:
         raise ResumeMismatchError(f"{advice}. It records no identity (an older bundle wrote it).")
     was, now = json.loads(state["identity"]), _plain(identity)
+    if any(_by_part(v) for k, v in was.items() if k.endswith("_cases")):
+        raise ResumeMismatchError(
+            f"{advice}. An older bundle wrote it, identifying each image and label by part of its bytes "
+            "only: whether it trained on this data cannot be checked."
+        )
     if "intensity" in was:  # a recipe recorded before knobs were added: what it saw (as model.pt's)
         was = {**ADDED, **was}
     found = [_difference(k, was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
