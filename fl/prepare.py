@@ -1,13 +1,17 @@
 """Make the PTSAM federated job, and for the simulator its sites: data, configuration, SAM weights.
 
     python fl/prepare.py job OUT --sam_variant vit_b --sam_checkpoint sam_vit_b_01ec64.pth \
-        [--rounds 20] [--clients 4] [--local_epochs 2]      # a job for `nvflare job submit`
+        [--rounds 20] [--clients 4] [--local_epochs 2] \
+        [--set intensity=window --set a_min=-100 --set "classes=[1]" ...]   # a job for `nvflare job submit`
     python fl/prepare.py simulation WORKDIR                 # what `make fl` runs, on synthetic data
 
 A job is fl/job with the initial global model added: ``app/custom/initial_prompts.pt``, the
 prompts of a fresh PTSAM on the given SAM weights. Its ``ptsam_meta`` names those weights (by
-fingerprint), the prompt counts and the classes, so a site set up with anything else refuses the
-first round instead of training prompts for another network.
+fingerprint), the prompt counts and the classes, and its ``ptsam_recipe`` the federation's recipe
+(train.yaml's defaults, with the knobs ``--set`` gives: intensity, classes, layout, ...; the image
+size follows the variant), so a site set up with anything else refuses the first round instead of
+training prompts for another network, or on images prepared otherwise, and the server refuses
+such a site's update. The server averages the sites' changes weighted by their training images.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def _bundle_on_path(bundle: Path = BUNDLE) -> None:
 
 
 def initial_prompts(path: Path, overrides: dict[str, Any], seed: int = 0, bundle: Path = BUNDLE) -> Path:
-    """The prompts of the network train.yaml + fl_train.yaml build with ``overrides``, saved to ``path``."""
+    """The prompts of the network train.yaml + fl_train.yaml build with ``overrides``, saved to ``path``
+    with the recipe they give: the federation's, which every site must train with."""
     _bundle_on_path(bundle)
     from monai.bundle import ConfigParser
 
@@ -49,7 +54,7 @@ def initial_prompts(path: Path, overrides: dict[str, Any], seed: int = 0, bundle
     with warnings.catch_warnings():  # the tiny generalist is not one of Meta's checkpoints
         warnings.simplefilter("ignore", UserWarning)
         network = parser.get_parsed_content("network_def")
-    return save_prompts(network, path)
+    return save_prompts(network, path, recipe=parser.get_parsed_content("recipe"))
 
 
 def make_job(
@@ -122,6 +127,23 @@ def make_simulation(workdir: Path, sam_checkpoint: Path | None = None, device: s
     }
 
 
+def recipe_knobs(settings: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``--set KNOB=VALUE`` as overrides of recipe knobs, each value read as YAML."""
+    import yaml
+
+    _bundle_on_path()
+    from scripts.engine.recipe import KNOBS
+
+    settable = [k for k in KNOBS if k != "image_size"]  # the size follows --sam_variant
+    knobs = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or key not in settable:
+            parser.error(f"--set {setting}: give KNOB=VALUE with KNOB one of {', '.join(settable)}")
+        knobs[key] = yaml.safe_load(value)
+    return knobs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +158,13 @@ def main(argv: list[str] | None = None) -> None:
     job.add_argument("--clients", type=int)
     job.add_argument("--local_epochs", type=int)
     job.add_argument("--seed", type=int, default=0)
+    job.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="a recipe knob of the federation (YAML value), e.g. intensity=window, 'classes=[1, 2]'",
+    )
     sim = sub.add_parser("simulation", help="a job and two synthetic sites for the simulator")
     sim.add_argument("workdir", type=Path)
     sim.add_argument("--sam_checkpoint", type=Path, help="a tiny SAM (default: the cached generalist)")
@@ -149,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             "n_md_prompts": args.n_md_prompts,
             "n_ie_prompts": args.n_ie_prompts,
             "num_classes": args.num_classes,
+            **recipe_knobs(args.set, parser),
         }
         print(make_job(args.out, overrides, args.rounds, args.clients, args.local_epochs, args.seed))
     else:

@@ -1,20 +1,22 @@
 """Export the whole trained network — SAM's encoder and decoder with the learned prompts baked
-in — for deployment without this bundle.
+in — for deployment without this bundle::
 
-- TorchScript: MONAI's own command, traced (SAM's modules are not scriptable)::
+    python -m scripts.export --filepath models/model.onnx [--sam_checkpoint ...]   # ONNX
+    python -m scripts.export --filepath models/model.ts [--sam_checkpoint ...]     # TorchScript
 
-    python -m monai.bundle ckpt_export network_def --filepath models/model.ts \\
-        --ckpt_file models/model.pt --meta_file configs/metadata.json \\
-        --config_file configs/inference.yaml --use_trace True --input_shape "[1, 3, 1024, 1024]"
+- ONNX (dynamic batch), checked against PyTorch with onnxruntime when it is installed;
+- TorchScript (``.ts`` or ``.pt``), traced (SAM's modules are not scriptable), any batch size.
 
-- ONNX (dynamic batch), checked against PyTorch with onnxruntime when it is installed::
+Either file carries the training's preprocessing recipe (``scripts.engine.recipe``, as recorded
+in model.pt) as JSON under ``ptsam_recipe``, and what the network takes and gives under
+``ptsam_io`` (see ``io_description``): the same two strings, in the ONNX file's
+``metadata_props`` and as TorchScript extra files, beside MONAI's ``metadata.json``::
 
-    python -m scripts.export --filepath models/model.onnx [--sam_checkpoint ...]
+    extra = {"ptsam_recipe": "", "ptsam_io": ""}
+    net = torch.jit.load("model.ts", _extra_files=extra)   # fills extra; json.loads each
 
-  The ONNX file carries the training's preprocessing recipe (``scripts.engine.recipe``) as
-  JSON in its metadata (``ptsam_recipe``), and what the network takes and gives
-  (``ptsam_io``, see ``IO``). The TorchScript file carries neither: MONAI stores
-  ``inference.yaml``, whose recipe knobs are null ("as in model.pt").
+MONAI's ``python -m monai.bundle ckpt_export network_def --use_trace True ...`` traces the same
+network, but its file records neither (only ``inference.yaml``, whose recipe knobs are null).
 
 What either export computes is the network alone, on images prepared as the bundle prepares
 them; a deployment without the bundle must do the same, or it gets labels for other inputs
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,18 +122,68 @@ def onnx_difference(network: torch.nn.Module, filepath: str | Path, batch: int =
     return float(np.abs(session.run(None, {"image": image.numpy()})[0] - expected).max())
 
 
+def export_entries(network: torch.nn.Module, recipe: dict[str, Any]) -> dict[str, str]:
+    """What every export records beside the network: the recipe and the input contract, as JSON."""
+    return {
+        RECIPE_KEY: json.dumps(recipe, sort_keys=True),
+        IO_KEY: json.dumps(io_description(network, recipe), sort_keys=True),
+    }
+
+
+TORCHSCRIPT_SUFFIXES = (".ts", ".pt")
+
+
+def export_torchscript(
+    network: torch.nn.Module,
+    filepath: str | Path,
+    entries: dict[str, str],
+    meta_values: dict[str, Any] | None = None,
+    example_batch: int = 2,
+) -> Path:
+    """Write ``network`` traced as TorchScript, with ``entries`` as extra files (read back with
+    ``torch.jit.load(path, _extra_files=...)``) and ``meta_values`` as MONAI's ``metadata.json``."""
+    from monai.data.torchscript_utils import save_net_with_metadata
+
+    filepath = Path(filepath)
+    filepath.parent.mkdir(parents=True, exist_ok=True)
+    size = network.img_size
+    with torch.no_grad(), warnings.catch_warnings():
+        # the input size is fixed (as in the ONNX file) and traced as a constant; the batch is not
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(network, torch.randn(example_batch, 3, size, size))
+    extra = {k: v.encode() for k, v in entries.items()}
+    save_net_with_metadata(traced, str(filepath), meta_values=meta_values, more_extra_files=extra)
+    return filepath
+
+
+def torchscript_difference(network: torch.nn.Module, filepath: str | Path, batch: int = 3) -> float:
+    """Largest absolute difference between the TorchScript file's and PyTorch's output on one random batch."""
+    loaded = torch.jit.load(str(filepath))
+    image = torch.randn(batch, 3, network.img_size, network.img_size)
+    with torch.no_grad():
+        return float((loaded(image) - network(image)).abs().max())
+
+
+def _bundle_metadata(config_file: str) -> dict[str, Any] | None:
+    path = Path(config_file).parent / "metadata.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def main(filepath: str = "models/model.onnx", config_file: str = "configs/inference.yaml", **overrides: Any) -> str:
+    """Export to ONNX, or to TorchScript when ``filepath`` ends in .ts or .pt."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torchscript = Path(filepath).suffix in TORCHSCRIPT_SUFFIXES
+    if not torchscript and Path(filepath).suffix != ".onnx":
+        raise ValueError(f"--filepath {filepath}: name an .onnx file, or a .ts / .pt file for TorchScript")
     network = build_network(config_file, **overrides)
     recipe = trained_recipe(config_file, **overrides)
+    entries = export_entries(network, recipe)
+    if torchscript:
+        path = export_torchscript(network, filepath, entries, _bundle_metadata(config_file))
+        logger.info("TorchScript vs PyTorch: max |difference| %.2e", torchscript_difference(network, path))
+        return str(path)
     path = export_onnx(network, filepath)
-    add_metadata(
-        path,
-        {
-            RECIPE_KEY: json.dumps(recipe, sort_keys=True),
-            IO_KEY: json.dumps(io_description(network, recipe), sort_keys=True),
-        },
-    )
+    add_metadata(path, entries)
     try:
         logger.info("onnxruntime vs PyTorch: max |difference| %.2e", onnx_difference(network, path))
     except ImportError:

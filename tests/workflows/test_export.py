@@ -90,3 +90,34 @@ def test_onnx_with_image_encoder_prompts_and_two_classes(tmp_path):
     assert np.abs(out - expected).max() <= 1e-4
     io = json.loads({p.key: p.value for p in onnx.load(path).metadata_props}["ptsam_io"])
     assert io["image_size"] == 256 and io["class_names"] == ["a", "b"] and len(io["pixel_mean"]) == 3
+
+
+def test_torchscript_file_carries_the_recipe_and_input_contract_as_the_onnx_file_does(tmp_path):
+    import json
+
+    import onnx
+
+    from scripts.engine.recipe import LEGACY, from_knobs, recorded_recipe
+    from scripts.export import main
+
+    net, _ = _trained(tmp_path)
+    knobs = {**LEGACY, "layout": "display", "intensity": "window", "a_min": -100, "a_max": 200}
+    knobs |= {"classes": [2], "label_map": {255: 2}, "class_names": ["lesion"]}
+    model = save_prompts(net, tmp_path / "models" / "model.pt", from_knobs(**knobs, image_size=256))
+    config = str(BUNDLE / "configs" / "inference.yaml")
+    path = quiet(main, str(tmp_path / "model.ts"), config, sam_variant="tiny", model_path=str(model))
+    extra = {"ptsam_recipe": "", "ptsam_io": "", "metadata.json": ""}
+    exported = torch.jit.load(path, _extra_files=extra)
+    # what model.pt records, read back as a deployment without the bundle would read it
+    assert json.loads(extra["ptsam_recipe"]) == json.loads(json.dumps(recorded_recipe(model)))
+    assert json.loads(extra["ptsam_recipe"])["label_map"] == {"255": 2}
+    assert json.loads(extra["metadata.json"])["version"]  # MONAI's bundle metadata, as ckpt_export writes it
+    # the same entries, byte for byte, as the ONNX export of the same model.pt writes
+    onnx_path = quiet(main, str(tmp_path / "model.onnx"), config, sam_variant="tiny", model_path=str(model))
+    props = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}
+    assert {k for k in props if k.startswith("ptsam_")} == {"ptsam_recipe", "ptsam_io"}
+    assert all(extra[k].decode() == props[k] for k in ("ptsam_recipe", "ptsam_io"))
+    assert json.loads(extra["ptsam_io"])["class_names"] == ["lesion"]
+    image = torch.randn(3, 3, 256, 256)  # another batch than the trace's
+    with torch.no_grad():
+        assert (exported(image) - net(image)).abs().max() <= 1e-4

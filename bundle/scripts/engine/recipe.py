@@ -94,6 +94,12 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def differing_knobs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The knobs on which two recipes disagree, each compared in its canonical form."""
+    a, b = normalize(a), normalize(b)
+    return [k for k in KNOBS if not _same(a[k], b[k])]
+
+
 def recorded_recipe(model_path: str | Path) -> dict[str, Any] | None:
     """The recipe ``model_path`` records, with the knobs added since it was written (``ADDED``);
     None if it records none."""
@@ -122,9 +128,7 @@ def as_trained(model_path: str | Path, image_size: int, **given: Any) -> dict[st
         return normalize({**LEGACY, **ADDED, "image_size": image_size, **explicit})
     recorded = normalize(recorded)
     mine = normalize({**recorded, **explicit, "image_size": image_size})
-    clashes = [
-        f"{k}: model.pt has {recorded[k]!r}, given {mine[k]!r}" for k in KNOBS if not _same(recorded[k], mine[k])
-    ]
+    clashes = [f"{k}: model.pt has {recorded[k]!r}, given {mine[k]!r}" for k in differing_knobs(recorded, mine)]
     if clashes:
         raise RecipeMismatchError(
             f"{path} was trained with another recipe than this run asks for ("

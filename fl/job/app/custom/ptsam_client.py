@@ -1,10 +1,14 @@
 """A PTSAM site under NVIDIA FLARE (Client API): each round trains the prompts the server sends with
 MONAI FL's ``MonaiAlgo`` on train.yaml + fl_train.yaml and this site's data, and sends back their
-change, which is all that leaves the site (the prompt tokens and their 512-byte description).
+change, which is all that leaves the site (the prompt tokens and their 512-byte description),
+with the site's recipe and its number of training images: the server refuses an update of
+another recipe than the job's, and averages the sites' changes weighted by their training images
+(not by the steps trained, which a site's batch size or epochs would inflate).
 
 The site's bundle, SAM weights and data come from ``PTSAM_FL_SITE_CONFIG`` (see ptsam_site.py);
 ``--local_epochs`` is the federation's choice, the same at every site. Each round is recorded in
-<output_dir>/fl_rounds.jsonl: what was received and sent, and how many steps were trained.
+<output_dir>/fl_rounds.jsonl: what was received and sent, how many steps were trained, and on
+how many images.
 """
 
 from __future__ import annotations
@@ -16,9 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import nvflare.client as flare
-from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from ptsam_site import append_record, digest, fit_global, make_algo, site_config, tensor_bytes
+from ptsam_site import (
+    append_record,
+    digest,
+    fit_global,
+    make_algo,
+    site_config,
+    site_recipe,
+    tensor_bytes,
+    training_images,
+    update_meta,
+)
 
 logger = logging.getLogger("ptsam_client")
 
@@ -45,8 +58,11 @@ def main() -> None:
     config = site_config(site)
     algo = make_algo(site, config, args.local_epochs)
     network = algo.trainer.network
+    recipe, images = site_recipe(algo), training_images(algo)
     records = Path(algo.train_workflow.parser.get_parsed_content("output_dir")) / "fl_rounds.jsonl"
-    logger.info("%s: bundle %s, configuration %s", site, config["bundle_root"], config["path"])
+    logger.info(
+        "%s: bundle %s, configuration %s, %d training images", site, config["bundle_root"], config["path"], images
+    )
     try:
         while flare.is_running():
             incoming = flare.receive()
@@ -55,8 +71,10 @@ def main() -> None:
             round_ = incoming.current_round
             started = time.time()
             received = {"received": digest(incoming.params), "received_bytes": tensor_bytes(incoming.params)}
-            # refused here, before MONAI FL would reshape or skip what does not fit
-            weights = fit_global(incoming.params, network, source=f"{site}: the global model of round {round_}")
+            # refused here, before MONAI FL would reshape or skip what does not fit, or this site
+            # trained prompts for another recipe than the federation's
+            source = f"{site}: the global model of round {round_}"
+            weights = fit_global(incoming.params, network, source=source, recipe=recipe)
             algo.train(ExchangeObject(weights=weights, weight_type=WeightType.WEIGHTS))
             update = algo.get_weights()
             if update.weight_type != WeightType.WEIGHT_DIFF:
@@ -64,15 +82,9 @@ def main() -> None:
             steps = int(update.statistics[FlStatistics.NUM_EXECUTED_ITERATIONS])
             loss = last_loss(algo.trainer.state.output)
             record = {"sent_keys": sorted(update.weights), "sent_bytes": tensor_bytes(update.weights)}
-            # FedAvg weighs each site by the steps it trained: by the amount of its data
-            flare.send(
-                FLModel(
-                    params=update.weights,
-                    params_type=ParamsType.DIFF,
-                    current_round=round_,
-                    meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
-                )
-            )
+            # the server weighs each site by its training images (ptsam_server.ImageWeightedAggregator)
+            meta = update_meta(steps, images, recipe)
+            flare.send(FLModel(params=update.weights, params_type=ParamsType.DIFF, current_round=round_, meta=meta))
             append_record(
                 records,
                 {
@@ -81,6 +93,7 @@ def main() -> None:
                     **received,
                     **record,
                     "steps": steps,
+                    "training_images": images,
                     "epoch": algo.trainer.state.epoch,
                     "last_loss": loss,
                     "seconds": round(time.time() - started, 2),

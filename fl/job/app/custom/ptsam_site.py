@@ -1,5 +1,6 @@
 """What a PTSAM site needs besides NVIDIA FLARE: its own configuration, MONAI FL's client on the
-bundle, and the check that a global model fits this site's network before a round trains on it.
+bundle, the check that a global model fits this site's network and recipe before a round trains
+on it, and what the site tells the server with its update.
 
 Each site says where its copy of the bundle, its SAM weights and its data are in a JSON (or YAML)
 file named by ``PTSAM_FL_SITE_CONFIG``; ``{site}`` in that path is replaced by the FLARE site name,
@@ -10,6 +11,12 @@ so one value serves every site the simulator runs on one machine:
                    "sam_checkpoint": "/models/sam_vit_b_01ec64.pth"}}
 
 ``overrides`` are values of train.yaml + fl_train.yaml (dataset_dir, output_dir, ckpt_dir, device, ...).
+The recipe knobs among them (intensity, classes, layout, ...; ``scripts.engine.recipe``) must give
+the job's recipe, which the global model records as ``ptsam_recipe``: prompts trained on images
+prepared otherwise, or on labels meaning other classes, would be averaged into nonsense. A site
+refuses a global model whose recipe differs from its own before training, naming the knobs, and
+sends its recipe and its number of training images with each update (``update_meta``): the
+server refuses the update of another recipe, and weighs each site by its training images.
 """
 
 from __future__ import annotations
@@ -27,6 +34,15 @@ import yaml
 
 SITE_CONFIG_ENV = "PTSAM_FL_SITE_CONFIG"
 CONFIGS = ["configs/train.yaml", "configs/fl_train.yaml"]
+
+# The entries of a prompt state dict that describe the prompts rather than being them (named as in
+# the bundle's scripts.model.prompt_file, which the server does not have): never averaged.
+META = "ptsam_meta"
+RECIPE = "ptsam_recipe"
+DESCRIPTIONS = (META, RECIPE, "ptsam_split")
+# What a site sends with its update (FLModel meta) besides the prompts' change.
+TRAINING_IMAGES = "ptsam_training_images"  # its weight in the average
+SITE_RECIPE = "ptsam_recipe"  # JSON, as the global model's entry holds it
 
 
 class SiteConfigError(ValueError):
@@ -89,17 +105,71 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(getattr(value, "shape", ()))
 
 
-def fit_global(params: Mapping[str, Any], network: torch.nn.Module, source: str) -> dict[str, torch.Tensor]:
-    """The global model ``params`` as tensors for ``network``, or ``IncompatibleCheckpointError``.
+def site_recipe(algo: Any) -> dict[str, Any]:
+    """The recipe this site trains with: train.yaml + fl_train.yaml and its overrides."""
+    return dict(algo.train_workflow.parser.get_parsed_content("recipe"))
+
+
+def training_images(algo: Any) -> int:
+    """How many training images (fields, volumes) this site's rounds learn from."""
+    return len(algo.trainer.data_loader.dataset)
+
+
+def update_meta(steps: int, images: int, recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """What a site's update carries besides the change of the prompts: the steps it trained (a
+    record), the training images it learned from (its weight in the average) and its recipe."""
+    from nvflare.apis.fl_constant import FLMetaKey
+
+    return {
+        FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(steps),
+        TRAINING_IMAGES: int(images),
+        SITE_RECIPE: json.dumps(dict(recipe), sort_keys=True),
+    }
+
+
+def check_recipe(entry: Any, recipe: Mapping[str, Any], source: str) -> None:
+    """Refuse a global model (its ``ptsam_recipe`` entry) made for another recipe than ``recipe``."""
+    from scripts.engine.recipe import RecipeMismatchError, differing_knobs, normalize
+    from scripts.model.prompt_file import decode_meta
+
+    theirs = decode_meta(entry)
+    if theirs is None:
+        raise RecipeMismatchError(
+            f"{source} records no recipe ({RECIPE}): the job was made without one; make it again with "
+            "fl/prepare.py job, which records the federation's recipe in its initial prompts"
+        )
+    try:
+        theirs = normalize(theirs)
+    except ValueError as err:
+        raise RecipeMismatchError(f"{source} records an incomplete recipe: {err}") from err
+    mine = normalize(recipe)
+    diffs = [f"{k}: the federation's {theirs[k]!r}, this site's {mine[k]!r}" for k in differing_knobs(theirs, mine)]
+    if diffs:
+        raise RecipeMismatchError(
+            f"{source} was trained with another recipe than this site's ("
+            + "; ".join(diffs)
+            + "). Every site trains with the job's recipe: set these knobs in this site's configuration "
+            f"({SITE_CONFIG_ENV}, overrides) to the federation's values."
+        )
+
+
+def fit_global(
+    params: Mapping[str, Any], network: torch.nn.Module, source: str, recipe: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The global model ``params`` as tensors for ``network``, or ``IncompatibleCheckpointError``
+    (``RecipeMismatchError`` for another recipe than this site's ``recipe``).
 
     Refused, naming what differs: a model of another network (its ``ptsam_meta`` names the
-    variant, prompt counts, classes and SAM weights it was made for), missing or extra entries,
-    another shape (MONAI FL would reshape a tensor of the same size without a word), NaN or inf."""
+    variant, prompt counts, classes and SAM weights it was made for), of another recipe (its
+    ``ptsam_recipe``: intensities, classes, layout, size, ...), missing or extra entries, another
+    shape (MONAI FL would reshape a tensor of the same size without a word), NaN or inf."""
     from scripts.model.prompt_file import META_KEY, IncompatibleCheckpointError, check_meta, network_meta
 
     if not isinstance(params, Mapping) or not params:
         raise IncompatibleCheckpointError(f"{source} holds no weights")
     check_meta(params.get(META_KEY), network_meta(network), source=source)
+    check_recipe(params.get(RECIPE), recipe, source)
+    params = {k: v for k, v in params.items() if k != RECIPE}  # a description, not a weight
     local = network.state_dict()
     missing, extra = sorted(set(local) - set(params)), sorted(set(params) - set(local))
     if missing or extra:
