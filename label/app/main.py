@@ -30,6 +30,20 @@ What this adds to MONAI Label's bundle tasks, and why:
   starting from the current ``model.pt``, with the preprocessing recipe recorded in it
   (inference reads that recipe through the bundle's own ``inference.yaml``); the new
   ``model.pt``'s record of the images that trained the prompts keeps those of the old one;
+- a ``/train`` replaces the served ``model.pt`` only if its prompts score at least as well:
+  the run writes them beside it, then the served and the new prompts are scored by
+  ``train.yaml``'s validation (mean Dice) on that run's validation images, in the same process,
+  and the new ones are published only where they score at least as high (MONAI Label would
+  overwrite a good specialist with whatever a short run on a few corrections gave). With nothing
+  served, or a ``model.pt`` that cannot be read, the new prompts are published; with no
+  validation images the served ``model.pt`` is kept (nothing shows the new prompts are not
+  worse). The train option ``publish: always`` publishes in every case. The outcome (both Dice
+  values, ``kept``: ``served`` or ``new``, and why) is logged, is the task's result (the last
+  lines of ``GET /train/``), and stays in ``/info``'s ``train_stats`` (``models/train_stats.json``).
+  ``pretrained: false`` starts from untrained prompts (MONAI Label 0.8.5 fails on it);
+- a ``model.pt`` that cannot be read (a truncated copy, a garbled record) does not stop the
+  server: the log names the file and the error, inference answers 409 with them until it is
+  replaced, and ``/train`` trains new prompts from untrained ones with ``train.yaml``'s recipe;
 - a ``model.pt`` written by ``/train`` after start-up makes the model available at once (``/info``
   lists it, as 3D Slicer reads it there);
 - the model is ``model.pt`` as trained: its class and prompt counts build the network (MONAI Label
@@ -180,10 +194,25 @@ def _trained_model(bundle: str) -> dict[str, Any] | None:
         recipe = _trained_recipe(bundle)
     meta = decode_meta(state.get(META_KEY)) or {}
     network = {key: meta[key] for key in NETWORK_KEYS if key in meta}
-    names = list(recipe.get("class_names") or LEGACY["class_names"])
+    # A garbled record is refused here, named: read on, it would stop the server at start-up.
+    if any(type(value) is not int or value < (1 if key == "num_classes" else 0) for key, value in network.items()):
+        raise ValueError(f"{path}: its network record {network} does not hold whole counts")
+    names = recipe.get("class_names") or LEGACY["class_names"]
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{path}: its recipe's class_names {names!r} is not a list of names")
     if len(names) != network.get("num_classes", len(names)):  # a name for every value written
         names = [f"class {c}" for c in range(1, network["num_classes"] + 1)]
     return {"network": network, "labels": {name: value for value, name in enumerate(names, start=1)}}
+
+
+def _read_served(bundle: str) -> tuple[dict[str, Any] | None, str]:
+    """``_trained_model`` and why model.pt cannot be read ("" if it can): whatever is wrong with the
+    file (a truncated copy, a garbled record) is reported, never raised into the server's start."""
+    try:
+        return _trained_model(bundle), ""
+    except Exception as err:  # noqa: BLE001 (any failure to read the file is the file's problem here)
+        path, text = str(_model_file(bundle)), str(err)
+        return None, text if path in text else f"{path} cannot be read: {text}"
 
 
 def _trained_recipe(bundle: str) -> dict[str, Any]:
@@ -387,11 +416,29 @@ class PTSAMInferTask(BundleInferTask):
         return out, answer
 
 
+PUBLISH_RULES = ("if_not_worse", "always")  # the train option `publish`; the first is the default
+STATS_FILE = "train_stats.json"  # beside model.pt, where MONAI Label's own train tasks keep theirs
+
+
+def _publish_rule(request: dict) -> str:
+    rule = request.get("publish", PUBLISH_RULES[0])
+    rule = rule[0] if isinstance(rule, list) and rule else rule  # the option's list as info() shows it
+    if rule not in PUBLISH_RULES:
+        raise ValueError(f"publish {rule!r}: one of {', '.join(PUBLISH_RULES)}")
+    return rule
+
+
 class PTSAMTrainTask(BundleTrainTask):
-    """The bundle's ``train.yaml`` under MONAI Label's overrides (its datalist, epochs, handlers)."""
+    """The bundle's ``train.yaml`` under MONAI Label's overrides (its datalist, epochs, handlers).
+
+    The run writes its prompts beside model.pt, not over it; they replace model.pt only by the
+    ``publish`` rule (``_publish``), and the outcome is the task's result and its ``stats()``."""
 
     def __init__(self, path: str, conf: dict[str, str], overrides: dict[str, Any]):
         self.overrides = overrides
+        self._served_problem = ""  # why the served model.pt cannot be read, during a train
+        self._candidate: Path | None = None  # where this train's prompts are written
+        self._run_overrides: dict[str, Any] = {}  # what the run was given, for scoring alike
         super().__init__(path, conf)
 
     def _load_bundle_config(self, path: str, config: str):
@@ -400,14 +447,136 @@ class PTSAMTrainTask(BundleTrainTask):
         return parser
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "model_filename": [MODEL_FILE]}
+        return {**super().config(), "model_filename": [MODEL_FILE], "publish": list(PUBLISH_RULES)}
+
+    def stats(self) -> dict[str, Any]:
+        """The last train's outcome (/info's ``train_stats``): the Dice of the served and the new
+        prompts on that train's validation images, and which model.pt is served now."""
+        try:
+            return json.loads((_model_file(self.bundle_path).parent / STATS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
 
     def __call__(self, request: dict, datastore: Datastore):
         chosen = request.get("model_filename", MODEL_FILE)
         if (chosen if isinstance(chosen, str) else chosen[0]) != MODEL_FILE:
             # The run would start from that file's prompts with model.pt's recipe, and overwrite model.pt.
             raise ValueError(f"model_filename {chosen!r}: this server trains {MODEL_FILE} only")
-        return super().__call__(request, datastore)
+        rule = _publish_rule(request)
+        served = _model_file(self.bundle_path)
+        self._served_problem = _read_served(self.bundle_path)[1]
+        if self._served_problem:
+            logger.warning(
+                "%s: this training starts from untrained prompts with train.yaml's recipe, and its "
+                "prompts replace that file",
+                self._served_problem,
+            )
+        # In models/ (one file system: the new prompts replace model.pt atomically); hidden, so
+        # that MONAI Label offers no file of it.
+        work = Path(tempfile.mkdtemp(prefix=".train-", dir=served.parent))
+        self._candidate = work / MODEL_FILE
+        try:
+            super().__call__(request, datastore)
+            if not self._candidate.is_file():
+                raise RuntimeError(f"the training wrote no prompts ({self._candidate}); {served} is unchanged")
+            outcome = self._publish(rule)
+            # Folders of trainings that were stopped (DELETE /train): this run held models/ (the
+            # bundle's claim on its ckpt_dir), so no other training is writing there.
+            for stale in served.parent.glob(".train-*"):
+                if stale != work:
+                    shutil.rmtree(stale, ignore_errors=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        with _BundleImports(self.bundle_path):
+            from scripts.common.files import atomic_write
+
+            stats = json.dumps(outcome, indent=2)
+            atomic_write(served.parent / STATS_FILE, lambda part: part.write_text(stats))
+        return outcome
+
+    def _publish(self, rule: str) -> dict[str, Any]:
+        """Replace model.pt with the new prompts unless they score below the served ones.
+
+        The rule (``publish``, default ``if_not_worse``): both prompt files are scored by
+        train.yaml's validation (its key metric, mean Dice) on this train's validation images, in
+        this process, and the new prompts replace model.pt only where they score at least as well
+        (a tie publishes them: they were trained on the newer labels). Nothing served, or a
+        model.pt that cannot be read: the new prompts are published. No validation images: the
+        served model.pt is kept, since nothing shows the new prompts are not worse (label more
+        images, or raise val_split). ``always`` publishes in every case, scored where it can be."""
+        served, candidate = _model_file(self.bundle_path), self._candidate
+        images = list(self._run_overrides.get("validate#dataset#data") or [])
+        outcome: dict[str, Any] = {
+            "model": str(served), "publish": rule, "validation_images": len(images),
+            "served_dice": None, "new_dice": None,
+        }  # fmt: skip
+        if not served.is_file():
+            publish, reason = True, "no model.pt was served"
+        elif self._served_problem:
+            publish, reason = True, f"the served one cannot be read ({self._served_problem})"
+        elif not images:
+            publish = rule == "always"
+            advice = "; publish: always" if publish else " (label more images, raise val_split, or publish: always)"
+            reason = f"no validation images, so the new prompts could not be compared with the served ones{advice}"
+        else:
+            outcome["served_dice"], outcome["new_dice"] = self._score([served, candidate], images)
+            better = outcome["new_dice"] >= outcome["served_dice"]
+            publish = better or rule == "always"
+            reason = (
+                f"validation mean Dice on {len(images)} image(s): served {outcome['served_dice']:.4f}, "
+                f"new {outcome['new_dice']:.4f}" + ("" if better else "; publish: always" if publish else "")
+            )
+            seen = self._trained_on(served, images)
+            if seen:  # the split moves as images are added: the served prompts may have trained on these
+                reason += f" ({seen} of these trained the served prompts: its score is optimistic)"
+        if publish:
+            os.replace(candidate, served)
+        outcome.update(published=publish, kept="new" if publish else "served", reason=reason)
+        message = "published the new prompts as %s: %s" if publish else "kept the served %s: %s"
+        (logger.info if publish else logger.warning)(message, served, reason)
+        return outcome
+
+    def _trained_on(self, model: Path, images: list) -> int:
+        """How many of ``images`` the split record of ``model`` lists as having trained its prompts."""
+        with _BundleImports(self.bundle_path):
+            from scripts.engine.splits import image_id
+            from scripts.model.prompt_file import read_split
+
+            trained = {digest for _, digest in (read_split(model) or {}).get("training", [])}
+            return sum(image_id(item["image"]) in trained for item in images)
+
+    def _score(self, files: list[Path], images: list) -> list[float]:
+        """Each prompt file's key metric on ``images``, by train.yaml's validation as the run was
+        configured (recipe, network, device), with one network and evaluator for all files."""
+        from monai.bundle import ConfigParser
+
+        with _BundleImports(self.bundle_path):
+            from scripts.engine.distributed import unwrap
+            from scripts.model.prompt_file import load_prompts
+
+            parser = ConfigParser()
+            parser.read_meta(self.bundle_metadata_path)
+            parser.read_config(self.bundle_config_path)
+            # Scored outside the run: nothing of it is tracked, and no handler of the training attaches.
+            parser.update({**self._run_overrides, "validate#dataset#data": images, "tracking_enabled": False})
+            evaluator = parser.get_parsed_content("validate#evaluator")
+            network = unwrap(parser.get_parsed_content("network"))
+            metric = next(iter(parser.get("validate#key_metric")))
+            scores = []
+            for path in files:
+                load_prompts(network, path)
+                evaluator.run()
+                scores.append(float(evaluator.state.metrics[metric]))
+        return scores
+
+    def _load_checkpoint(self, model_pytorch: str, pretrained: Any, train_handlers: list) -> None:
+        # pretrained false: MONAI Label 0.8.5 would fail on os.path.exists(None). An unreadable
+        # model.pt is not loaded: the run starts from untrained prompts.
+        with _BundleImports(self.bundle_path):
+            from scripts.common.flags import flag
+
+            if flag(pretrained) and not self._served_problem:
+                super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
 
     def _partition_datalist(self, datalist: list, request: dict, shuffle: bool = False):
         # val_split < 0 is MONAI Label's "the bundle's default": train.yaml's own validation list,
@@ -421,18 +590,23 @@ class PTSAMTrainTask(BundleTrainTask):
         # A new run from the current model.pt (MONAI Label loads it): an older run's resume
         # state would otherwise continue that run, and at its last epoch do nothing. The run
         # keeps the recipe and the network (prompt and class counts) model.pt was trained with,
-        # so that its prompts load, and see images and label values as before.
-        trained = _trained_model(self.bundle_path) or {"network": {}}
-        recipe = _trained_recipe(self.bundle_path)
+        # so that its prompts load, and see images and label values as before (an unreadable
+        # model.pt: train.yaml's).
+        trained, recipe = {"network": {}}, {}
+        if not self._served_problem:
+            trained = _trained_model(self.bundle_path) or trained
+            recipe = _trained_recipe(self.bundle_path)
         if recipe:
             with _BundleImports(self.bundle_path):
                 _check_label_values(recipe, _model_file(self.bundle_path))
         overrides.update({**self.overrides, **trained["network"], **recipe, "resume": False})
+        overrides["model_path"] = str(self._candidate)  # published by _publish, or not
         # The new prompts continue those of model.pt: the images that trained or chose them are in
         # the new model.pt's record of its split too (evaluation refuses them as test images).
         loader = _checkpoint_loader(overrides.get("train#handlers", []))
         if loader is not None:
             overrides["split_record#started_from"] = loader["load_path"]
+        self._run_overrides = dict(overrides)
 
 
 class PTSAMApp(MONAILabelApp):
@@ -443,7 +617,7 @@ class PTSAMApp(MONAILabelApp):
         if not (Path(self.bundle) / "configs" / "inference.yaml").is_file():
             raise ValueError(f"{self.bundle}: not a PTSAM bundle (no configs/inference.yaml)")
         self.infer_overrides = {**self.overrides, **engine_overrides(self.bundle, conf)}
-        if not _model_file(self.bundle).is_file():
+        if not _model_file(self.bundle).is_file():  # (an unreadable one is reported by init_infers)
             logger.warning(
                 "%s has no models/model.pt yet: label a few images and train (POST /train/%s); "
                 "inference is offered once it exists",
@@ -478,13 +652,21 @@ class PTSAMApp(MONAILabelApp):
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
+    def _note_model_error(self, error: str) -> None:
+        """Remember why model.pt cannot be served (named in /infer's 409), logged once per new error."""
+        if error and error != self._model_error:
+            logger.error(
+                "%s. No model is offered until it is replaced with a readable one, or POST /train/%s "
+                "writes new prompts (from untrained ones)",
+                error,
+                self.model_name,
+            )
+        self._model_error = error
+
     def init_infers(self) -> dict[str, InferTask]:
         """The model as ``models/model.pt`` was trained: its prompt and class counts, its class names."""
-        self._model_error = ""
-        try:
-            self._served = _trained_model(self.bundle)
-        except ValueError as err:  # unreadable: named in /infer's answer
-            self._served, self._model_error = None, str(err)
+        self._served, error = _read_served(self.bundle)
+        self._note_model_error(error)
         if self._served is None:
             return {}
         overrides = {**self.infer_overrides, **self._served["network"]}
@@ -501,10 +683,8 @@ class PTSAMApp(MONAILabelApp):
         counts replaced it (MONAI Label reloads only the weights, into the old network), and
         withdrawn where it was removed (MONAI Label would go on with the untrained prompts)."""
         with self._infers_lock:  # /info and /infer may ask at once; the task is built once
-            try:
-                now, self._model_error = _trained_model(self.bundle), ""
-            except ValueError as err:
-                now, self._model_error = None, str(err)
+            now, error = _read_served(self.bundle)
+            self._note_model_error(error)
             if now is None:
                 self._infers, self._served = {}, None
             elif now != self._served:
@@ -515,8 +695,9 @@ class PTSAMApp(MONAILabelApp):
         return super().info()
 
     def _unknown_model(self, model: Any) -> HTTPException:
-        if model == self.model_name and self._model_error:
-            return HTTPException(status_code=422, detail=self._model_error)
+        if model == self.model_name and self._model_error:  # a state of the server, as with no model.pt
+            detail = f"{self._model_error}. Replace it, or POST /train/{self.model_name} for new prompts"
+            return HTTPException(status_code=409, detail=detail)
         if model == self.model_name:
             path = _model_file(self.bundle)
             detail = f"no trained prompts yet ({path}): label a few images, then POST /train/{self.model_name}"

@@ -181,9 +181,9 @@ def _infer_file(base: str, image: str, tmp_path: Path, suffix: str) -> Path:
 TRAINED_EPOCHS = 40  # 3 images: one step an epoch
 
 
-def _train(base: str, log: Path, max_epochs: int = 1, expected: str = "DONE", **options: Any) -> None:
+def _train(base: str, log: Path, max_epochs: int = 1, expected: str = "DONE", **options: Any) -> dict:
     """POST /train/ptsam (with more ``options``) and wait until it is done (or has failed, where
-    that is ``expected``)."""
+    that is ``expected``): the outcome it reports, where it is done."""
     request = json.dumps({"max_epochs": max_epochs, **options}).encode()
     status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
     assert status == 200, body
@@ -192,6 +192,15 @@ def _train(base: str, log: Path, max_epochs: int = 1, expected: str = "DONE", **
         assert time.time() < deadline, "training did not finish"
         time.sleep(0.5)
     assert state.get("status") == expected, (state, _text(log)[-3000:])
+    if expected != "DONE":
+        return {}
+    # The task's result, in the last lines GET /train/ shows (MONAI Label logs it as `Result: {...}`),
+    # and /info's train_stats: which model.pt is served now, and the Dice values that decided it.
+    results = [line.split("Result: ", 1)[1] for line in state["details"] if "Result: " in line]
+    assert results, state["details"]
+    outcome = json.loads(results[-1])
+    assert json.loads(_request(f"{base}/info/")[2])["train_stats"]["ptsam"] == outcome
+    return outcome
 
 
 @pytest.fixture(scope="module")
@@ -283,8 +292,12 @@ def test_infer_train_infer(trained, generalist, tmp_path):
 
     model = bundle / "models" / "model.pt"
     old = _sha(model)
-    _train(base, log, max_epochs=TRAINED_EPOCHS)
+    outcome = _train(base, log, max_epochs=TRAINED_EPOCHS)
     assert _sha(model) != old, f"model.pt unchanged: {_text(log)[-3000:]}"
+    # Published because the new prompts score at least as well as the served ones, on the same image.
+    assert outcome["published"] and outcome["kept"] == "new" and outcome["validation_images"] == 1, outcome
+    assert outcome["new_dice"] > outcome["served_dice"], outcome
+    assert f"published the new prompts as {model}: validation mean Dice on 1 image(s)" in _text(log)
 
     after = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_after.tif"))
     assert after.shape == tiff.shape and set(np.unique(after)) <= {0, 1} and after.any()  # trained: cells found
@@ -318,17 +331,32 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     assert runs[0].data.params["epochs"] == str(TRAINED_EPOCHS) and "val_mean_dice" in runs[0].data.metrics
     assert runs[0].data.params["n_training_images"] == "3"
 
+    # A train that cannot do better (untrained prompts, one epoch) leaves the served model.pt as it
+    # is, and says so with both scores; so does one with no validation image to compare them on.
+    trained_sha = _sha(model)
+    outcome = _train(base, log, pretrained=False)
+    assert _sha(model) == trained_sha, outcome
+    assert not outcome["published"] and outcome["kept"] == "served", outcome
+    assert outcome["served_dice"] > outcome["new_dice"] and outcome["served_dice"] >= 0.5, outcome
+    assert f"kept the served {model}: validation mean Dice on 1 image(s)" in _text(log)
+    outcome = _train(base, log, val_split=0)
+    assert _sha(model) == trained_sha and outcome["kept"] == "served" and outcome["validation_images"] == 0
+    assert outcome["served_dice"] is None and "no validation images" in outcome["reason"]
+    assert _dice(tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_kept.tif")), after) == 1.0
+
     # A second /train is a new run from the new model.pt, not a resumed (finished) first run,
     # and it keeps the recipe recorded in model.pt (here a CT window of -100 HU, not the default).
+    # publish: always, the knob that replaces model.pt whatever the scores.
     state = torch.load(model, weights_only=True)
     recipe = {**read_recipe(model), "a_min": -100.0}
     state[RECIPE_KEY] = encode_json(recipe)
     torch.save(state, model)
     trained_sha = _sha(model)
-    _train(base, log)
+    outcome = _train(base, log, publish="always")
     assert _sha(model) != trained_sha and "resumed from" not in _text(log)
+    assert outcome["published"] and outcome["publish"] == "always" and outcome["new_dice"] is not None
     runs = _runs(bundle)
-    assert len(runs) == earlier_runs + 2 and runs[0].data.params["a_min"] == "-100.0"
+    assert len(runs) == earlier_runs + 4 and runs[0].data.params["a_min"] == "-100.0"
     assert read_recipe(model)["a_min"] == -100.0
 
 
@@ -512,7 +540,7 @@ def test_the_server_serves_model_pt_as_trained(label_env, generalist, tmp_path):
         # datastore's images, not on train.yaml's dataset_dir (here the demo's synthetic images).
         demo = tmp_path / "data" / "synthetic"
         generate(str(demo), seed=2, n_train=5, n_val=0, n_test=0, modalities="microscopy")
-        _train(base, log, val_split=-1)
+        _train(base, log, val_split=-1, publish="always")  # its model.pt is read below, whatever it scores
         from scripts.engine.splits import image_id, read_split
 
         recorded = {digest for role in ("training", "validation") for _, digest in read_split(model)[role]}
@@ -542,6 +570,43 @@ def test_the_server_serves_model_pt_as_trained(label_env, generalist, tmp_path):
         _train(base, log, expected="ERROR")
         assert "value 1 (tumour) would be read as background" in _text(log)
         assert _sha(model) == served
+    finally:
+        _stop(proc)
+
+
+def test_an_unreadable_model_pt_does_not_stop_the_server(server, label_env, generalist, tmp_path):
+    """A model.pt that cannot be read (a garbled record stopped the server at start-up; a truncated
+    copy failed every /train): the server starts, the log and inference's 409 name the file and
+    the problem, and /train trains new prompts, from untrained ones, that replace it."""
+    studies = server[2]
+    bundle = _bundle_copy(tmp_path / "ptsam")
+    model = bundle / "models" / "model.pt"
+    _prompt_file(generalist, model, ["cell"])
+    good = model.read_bytes()
+    state = torch.load(model, weights_only=True)
+    state[RECIPE_KEY] = encode_json({**read_recipe(model), "class_names": 3})
+    torch.save(state, model)
+    problem = f"{model}: its recipe's class_names 3 is not a list of names"
+
+    env = {"MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
+    base, log, proc = _start_server(label_env, generalist, bundle, studies, tmp_path / "server.log", env)
+    try:
+        assert problem in _text(log)  # said at start-up, before anyone asks
+        assert _served_labels(base) is None
+        status, body, _ = _infer(base, "cells_000")
+        assert status == 409 and json.loads(body)["detail"].startswith(problem), body
+
+        model.write_bytes(good[: len(good) // 2])  # a copy cut short
+        status, body, _ = _infer(base, "cells_000")
+        detail = json.loads(body)["detail"]
+        assert status == 409 and f"PTSAM prompt checkpoint {model} cannot be read" in detail, detail
+        assert f"PTSAM prompt checkpoint {model} cannot be read" in _text(log)
+
+        outcome = _train(base, log)
+        assert outcome["published"] and "the served one cannot be read" in outcome["reason"], outcome
+        assert read_recipe(model)["class_names"] == ["foreground"]  # train.yaml's, as for a first training
+        assert _served_labels(base) == {"foreground": 1}
+        assert _infer(base, "cells_000")[0] == 200
     finally:
         _stop(proc)
 
