@@ -43,7 +43,7 @@ import torch
 
 from .engine.distributed import unwrap
 from .model.prompt_file import RECIPE_KEY, load_prompts
-from .model.runtime import write_onnx
+from .model.runtime import EXPORT_QUERY_CHUNK, write_onnx
 from .model.sam import PIXEL_MEAN, PIXEL_STD
 
 logger = logging.getLogger(__name__)
@@ -102,11 +102,15 @@ def add_metadata(filepath: str | Path, entries: dict[str, str]) -> None:
 
 def export_onnx(network: torch.nn.Module, filepath: str | Path, example_batch: int = 2) -> Path:
     """Write ``network`` as ONNX with a dynamic batch axis (the example batch is 2: a batch of 1
-    would be specialised to 1)."""
+    would be specialised to 1), global attention in query chunks as the CPU fast path exports it."""
     filepath = Path(filepath)
     filepath.parent.mkdir(parents=True, exist_ok=True)
     size = network.img_size
-    write_onnx(network, torch.randn(example_batch, 3, size, size), filepath, "pred")
+    network.query_chunk = EXPORT_QUERY_CHUNK
+    try:
+        write_onnx(network, torch.randn(example_batch, 3, size, size), filepath, "pred")
+    finally:
+        network.query_chunk = None
     return filepath
 
 

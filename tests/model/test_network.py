@@ -233,17 +233,18 @@ def test_network_runs_under_autocast_close_to_fp32():
 
 
 def test_query_chunked_global_attention_equals_the_whole():
-    """Under activation checkpointing, global attention runs in checkpointed query chunks:
-    the same outputs and the same gradients as all queries at once."""
+    """Global attention in query chunks (the ONNX export), checkpointed or not (activation
+    checkpointing): the same outputs and the same gradients as all queries at once."""
     from scripts.model.encoder import prompted_attention
 
     block = quiet(PTSAM, "tiny").backbone.image_encoder.blocks[1]  # a global block, 16 x 16 tokens
     x = torch.randn(2, 16, 16, 96)
     results = []
-    for chunk in (None, 64):
+    for chunk, checkpointed in ((None, False), (64, False), (64, True), (96, False)):  # 96: a short last chunk
         prompts = torch.randn(5, 96, generator=torch.Generator().manual_seed(0)).requires_grad_()
-        out = prompted_attention(block.attn, x, prompts, query_chunk=chunk)
+        out = prompted_attention(block.attn, x, prompts, query_chunk=chunk, checkpoint_chunks=checkpointed)
         out.pow(2).mean().backward()
         results.append((out.detach(), prompts.grad))
-    assert (results[0][0] - results[1][0]).abs().max() <= 1e-5
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6) and results[0][1].abs().sum() > 0
+    for out, grad in results[1:]:
+        assert (results[0][0] - out).abs().max() <= 1e-5
+        assert torch.allclose(results[0][1], grad, atol=1e-6) and grad.abs().sum() > 0

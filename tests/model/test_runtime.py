@@ -109,6 +109,31 @@ def test_image_encoder_prompts_are_baked_in_and_followed(specialist, encoder_fil
     assert _exports(encoder_files) == exported
 
 
+def test_the_export_runs_global_attention_in_query_chunks(specialist, encoder_files, monkeypatch):
+    """The exported encoder computes each global block's attention in chunks of queries (the
+    whole matrix is ViT-B's 0.8 GB a pass), with the prompts as keys, and still equals PyTorch."""
+    import onnx
+
+    net = quiet(PTSAM, "tiny", n_md_prompts=4, n_ie_prompts=2, backbone=specialist.backbone).eval()
+    with torch.no_grad():
+        net.ie_prompts.tokens.normal_(0, 1)
+    images = _scenes(2, 2)[0]
+    softmaxes = {}
+    for chunk in (256, 96):  # tiny's global blocks have 16 x 16 queries: one chunk, then 96 + 96 + 64
+        monkeypatch.setattr(runtime, "EXPORT_QUERY_CHUNK", chunk)
+        with torch.no_grad():
+            fast = _with(net, "onnxruntime", False)
+            assert float((fast.encode(images) - net.encode(images)).norm() / net.encode(images).norm()) <= 1e-5
+        graph = onnx.load(
+            str(encoder_files / f"encoder_{fast._runtime.stem}" / "encoder.onnx"), load_external_data=False
+        )
+        softmaxes[chunk] = sum(node.op_type == "Softmax" for node in graph.graph.node)
+    windowed = sum(block.window_size > 0 for block in net.backbone.image_encoder.blocks)
+    global_ = len(net.backbone.image_encoder.blocks) - windowed
+    assert global_ >= 1 and softmaxes[256] == windowed + global_
+    assert softmaxes[96] == windowed + 3 * global_
+
+
 def test_fast_paths_refuse_what_they_cannot_do(specialist):
     fast = _with(specialist, "onnxruntime", False)
     image = _scenes(3, 1)[0]

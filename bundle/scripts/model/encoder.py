@@ -11,7 +11,7 @@ queries are never computed: the kept outputs equal those of full attention over
 from __future__ import annotations
 
 import hashlib
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ def encode_image(
     prompts: torch.Tensor | None,
     fused: bool = True,
     checkpointing: bool = False,
+    query_chunk: int | None = None,
 ) -> torch.Tensor:
     """(B, 3, S, S) -> (B, 256, S/16, S/16). ``prompts``: (depth, n, dim), or None.
 
@@ -44,7 +45,9 @@ def encode_image(
     segment-anything's own encoder unchanged (the reference). ``checkpointing``: when gradients
     flow (image-encoder prompts in training), keep only each block's input and recompute the
     rest in the backward pass, global attention in query chunks: much less memory for some
-    more time.
+    more time. ``query_chunk``: global attention in chunks of that many queries without
+    checkpointing (the ONNX export: an engine without a fused attention kernel reads and writes
+    the whole (heads, H*W, H*W) matrix once per operation, 0.8 GB a pass on ViT-B).
     """
     if not fused and (prompts is None or prompts.shape[1] == 0):
         return encoder(image)
@@ -54,14 +57,18 @@ def encode_image(
     for i, block in enumerate(encoder.blocks):
         block_prompts = prompts[i] if prompts is not None else x.new_zeros(0, x.shape[-1])
         if checkpointing and torch.is_grad_enabled():
-            x = checkpoint(prompted_block, block, x, block_prompts, QUERY_CHUNK, use_reentrant=False)
+            x = checkpoint(prompted_block, block, x, block_prompts, QUERY_CHUNK, True, use_reentrant=False)
         else:
-            x = prompted_block(block, x, block_prompts)
+            x = prompted_block(block, x, block_prompts, query_chunk)
     return encoder.neck(x.permute(0, 3, 1, 2))
 
 
 def prompted_block(
-    block: nn.Module, x: torch.Tensor, prompts: torch.Tensor, query_chunk: int | None = None
+    block: nn.Module,
+    x: torch.Tensor,
+    prompts: torch.Tensor,
+    query_chunk: int | None = None,
+    checkpoint_chunks: bool = False,
 ) -> torch.Tensor:
     """SAM's ``Block.forward`` with ``prompts`` (n, dim) as extra keys and values."""
     shortcut = x
@@ -70,7 +77,7 @@ def prompted_block(
     if block.window_size > 0:
         H, W = x.shape[1], x.shape[2]
         x, pad_hw = sam_image_encoder.window_partition(x, block.window_size)
-    x = prompted_attention(block.attn, x, prompts, query_chunk)
+    x = prompted_attention(block.attn, x, prompts, query_chunk, checkpoint_chunks)
     if block.window_size > 0:
         x = sam_image_encoder.window_unpartition(x, block.window_size, pad_hw, (H, W))
     x = shortcut + x
@@ -78,13 +85,17 @@ def prompted_block(
 
 
 def prompted_attention(
-    attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor, query_chunk: int | None = None
+    attn: nn.Module,
+    x: torch.Tensor,
+    prompts: torch.Tensor,
+    query_chunk: int | None = None,
+    checkpoint_chunks: bool = False,
 ) -> torch.Tensor:
     """SAM's ``Attention.forward`` on (B, H, W, dim) windows, attending also to ``prompts``.
 
-    ``query_chunk``: when set and exceeded (global blocks), queries are processed in chunks,
-    each checkpointed, so no full (H*W x H*W) attention matrix ever exists (for training with
-    activation checkpointing); the result is the same.
+    ``query_chunk``: when set and exceeded (global blocks), queries are processed in chunks, so
+    no full (H*W x H*W) attention matrix ever exists; with ``checkpoint_chunks`` each chunk is
+    checkpointed (training with activation checkpointing). The result is the same.
     """
     B, H, W, dim = x.shape
     L, n, heads = H * W, prompts.shape[0], attn.num_heads
@@ -102,9 +113,11 @@ def prompted_attention(
         if query_chunk is None or L <= query_chunk:
             out = _biased_attention(q, k, v, rel_h, rel_w, n, attn.scale)
         else:
+            run = (
+                partial(checkpoint, _biased_attention, use_reentrant=False) if checkpoint_chunks else _biased_attention
+            )
             chunks = [
-                checkpoint(
-                    _biased_attention,
+                run(
                     q[:, :, i : i + query_chunk],
                     k,
                     v,
@@ -112,7 +125,6 @@ def prompted_attention(
                     rel_w[:, :, i : i + query_chunk],
                     n,
                     attn.scale,
-                    use_reentrant=False,
                 )
                 for i in range(0, L, query_chunk)
             ]

@@ -58,6 +58,7 @@ class PTSAM(nn.Module):
         self.encoder_engine, self.encoder_int8 = encoder_engine, flag(encoder_int8)
         check_engine(self.encoder_engine, self.encoder_int8)
         self._runtime: EncoderRuntime | None = None  # built at the first fast-path call
+        self.query_chunk: int | None = None  # global attention in query chunks (set while exporting)
         self.fused_attention = flag(fused_attention)
         checkpointing = optional_flag(activation_checkpointing)
         self.activation_checkpointing = n_ie_prompts > 0 if checkpointing is None else checkpointing
@@ -84,6 +85,7 @@ class PTSAM(nn.Module):
             self.ie_prompts.tokens,
             self.fused_attention,
             self.activation_checkpointing,
+            self.query_chunk,
         )
 
     def _fast_encoder(self) -> EncoderRuntime:

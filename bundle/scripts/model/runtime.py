@@ -79,16 +79,23 @@ def _require(module: str, engine: str) -> Any:
         ) from err
 
 
+# Queries per chunk of a global block's attention in the ONNX export. ONNX Runtime and OpenVINO
+# run attention as separate operations, each reading and writing the whole (heads, 4096, 4096)
+# float matrix of a ViT global block (0.8 GB) in memory: in chunks the bias, softmax and products
+# stay near the cache (measured in docs/benchmarks.md). Smaller chunks made the export slow.
+EXPORT_QUERY_CHUNK = 256
+
+
 class _Encoder(nn.Module):
     """``encode_image`` with fixed prompts, as one module to export or quantise."""
 
-    def __init__(self, encoder: nn.Module, prompts: torch.Tensor | None):
+    def __init__(self, encoder: nn.Module, prompts: torch.Tensor | None, query_chunk: int | None = None):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.query_chunk = encoder, query_chunk
         self.register_buffer("prompts", prompts, persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return encode_image(self.encoder, image, self.prompts)
+        return encode_image(self.encoder, image, self.prompts, query_chunk=self.query_chunk)
 
 
 def cache_folder() -> Path:
@@ -155,16 +162,19 @@ class EncoderRuntime:
         self.key = self.key_of(engine, int8, prompts, weights_key, img_size)
         self.stem = self.key.partition("|")[0]  # what the exported file depends on: not the engine
         self.threads = torch.get_num_threads()
-        module = _Encoder(encoder, None if prompts is None else prompts.detach().clone()).eval()
-        if engine == "torch":
+        prompts = None if prompts is None else prompts.detach().clone()
+        if engine == "torch":  # PyTorch's fused attention kernel needs no chunks
+            module = _Encoder(encoder, prompts).eval()
             self._run = self._torch_int8(module) if int8 else module
             return
+        module = _Encoder(encoder, prompts, EXPORT_QUERY_CHUNK).eval()
         onnx_path = self._export(module, cache_folder())
         self._run = self._onnxruntime(onnx_path) if engine == "onnxruntime" else self._openvino(onnx_path)
 
     @staticmethod
     def key_of(engine: str, int8: bool, prompts: torch.Tensor | None, weights_key: str, img_size: int) -> str:
-        digest = hashlib.sha256(f"{encoder_version()}|{torch.__version__}|{weights_key}|{img_size}".encode())
+        code = f"{encoder_version()}|{EXPORT_QUERY_CHUNK}|{torch.__version__}"
+        digest = hashlib.sha256(f"{code}|{weights_key}|{img_size}".encode())
         if prompts is not None and prompts.numel():
             tokens = prompts.detach().cpu().float().contiguous()
             digest.update(str(tuple(tokens.shape)).encode())
@@ -182,8 +192,8 @@ class EncoderRuntime:
             )
         if self.engine == "torch":
             return self._run(image)
-        # One image per call: the exported global attention holds (heads, 4096, 4096) floats per
-        # image (0.8 GB on ViT-B), and batching bought no speed on a CPU (docs/benchmarks.md).
+        # One image per call: batching bought no speed on a CPU (docs/benchmarks.md), and each image
+        # in a call adds its attention chunks to the memory the call holds.
         images = image.float().contiguous().numpy()
         return torch.from_numpy(np.concatenate([np.asarray(self._run(images[i : i + 1])) for i in range(len(images))]))
 
