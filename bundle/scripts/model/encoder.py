@@ -70,18 +70,40 @@ def prompted_block(
     query_chunk: int | None = None,
     checkpoint_chunks: bool = False,
 ) -> torch.Tensor:
-    """SAM's ``Block.forward`` with ``prompts`` (n, dim) as extra keys and values."""
+    """SAM's ``Block.forward`` with ``prompts`` (n, dim) as extra keys and values.
+
+    A windowed block projects its tokens to queries, keys and values before cutting windows,
+    filling the padding with what SAM's zero tokens project to, and projects the output after
+    cropping: SAM runs both projections on the padded grid, 70 x 70 tokens instead of 64 x 64 on
+    ViT-B (+20 % in those layers), for the same result.
+    """
+    attn, ws = block.attn, block.window_size
     shortcut = x
     x = block.norm1(x)
     prompts = block.norm1(prompts) if prompts.shape[0] else prompts
-    if block.window_size > 0:
+    qkv = attn.qkv(x)  # B, H, W, 3 * dim
+    if ws > 0:
         H, W = x.shape[1], x.shape[2]
-        x, pad_hw = sam_image_encoder.window_partition(x, block.window_size)
-    x = prompted_attention(block.attn, x, prompts, query_chunk, checkpoint_chunks)
-    if block.window_size > 0:
-        x = sam_image_encoder.window_unpartition(x, block.window_size, pad_hw, (H, W))
-    x = shortcut + x
+        zero = attn.qkv(x.new_zeros(1, x.shape[-1]))[0]  # the padding's projection (also when quantised)
+        qkv, pad_hw = sam_image_encoder.window_partition(_pad_with(qkv, zero, ws), ws)
+    x = _attend(attn, qkv, prompts, query_chunk, checkpoint_chunks)
+    if ws > 0:
+        x = sam_image_encoder.window_unpartition(x, ws, pad_hw, (H, W))
+    x = shortcut + attn.proj(x)
     return x + block.mlp(block.norm2(x))
+
+
+def _pad_with(t: torch.Tensor, value: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) padded at the bottom and right to multiples of ``window`` with ``value`` (C,)."""
+    B, H, W, C = t.shape
+    ph, pw = -H % window, -W % window
+    if not (ph or pw):
+        return t
+    if pw:
+        t = torch.cat([t, value.expand(B, H, pw, C)], dim=2)
+    if ph:
+        t = torch.cat([t, value.expand(B, ph, W + pw, C)], dim=1)
+    return t
 
 
 def prompted_attention(
@@ -97,10 +119,22 @@ def prompted_attention(
     no full (H*W x H*W) attention matrix ever exists; with ``checkpoint_chunks`` each chunk is
     checkpointed (training with activation checkpointing). The result is the same.
     """
-    B, H, W, dim = x.shape
+    return attn.proj(_attend(attn, attn.qkv(x), prompts, query_chunk, checkpoint_chunks))
+
+
+def _attend(
+    attn: nn.Module,
+    qkv: torch.Tensor,
+    prompts: torch.Tensor,
+    query_chunk: int | None = None,
+    checkpoint_chunks: bool = False,
+) -> torch.Tensor:
+    """``prompted_attention`` from the windows' projections (B, H, W, 3 * dim), before the output
+    projection: (B, H, W, dim)."""
+    B, H, W, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
     L, n, heads = H * W, prompts.shape[0], attn.num_heads
     head_dim = dim // heads
-    qkv = attn.qkv(x.reshape(B, L, dim)).reshape(B, L, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    qkv = qkv.reshape(B, L, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # B, heads, L, head_dim
     if n:  # the prompts' keys and values are computed once and shared by every window
         kv_p = attn.qkv(prompts)[:, dim:].reshape(n, 2, heads, head_dim).permute(1, 2, 0, 3)
@@ -129,7 +163,7 @@ def prompted_attention(
                 for i in range(0, L, query_chunk)
             ]
             out = torch.cat(chunks, dim=2)
-    return attn.proj(out.transpose(1, 2).reshape(B, H, W, dim))
+    return out.transpose(1, 2).reshape(B, H, W, dim)
 
 
 def _biased_attention(
