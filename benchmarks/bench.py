@@ -3,7 +3,8 @@ measured side by side in one run (interleaved repeats, medians), printed as a ta
 to bench.json with the machine they ran on.
 
 BENCH_QUICK=1 uses the `tiny` variant (256 px) and fewer repeats: the same comparisons in about
-30 s on 2 cores. The full run uses ViT-B at 1024 px, the one to record (20-25 minutes on 2
+30 s on 2 cores. BENCH_SECTIONS="fast paths,volume on a CPU" runs only the sections named (as
+printed in brackets), e.g. to measure one again on a quiet machine. The full run uses ViT-B at 1024 px, the one to record (20-25 minutes on 2
 cores, most of it the stock encoder the fast paths and volumes are timed against).
 """
 
@@ -33,6 +34,7 @@ from scripts.model.encoder import encode_image  # noqa: E402
 from scripts.model.network import PTSAM  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK", "0") not in ("0", "", "false")
+SECTIONS = {s.strip() for s in os.environ.get("BENCH_SECTIONS", "").split(",") if s.strip()}
 VARIANT = "tiny" if QUICK else "vit_b"
 REPEATS = 3 if QUICK else 2
 N_IMAGES = 4
@@ -322,6 +324,8 @@ def main() -> None:
             ("volume", lambda: bench_volume(net)),
             ("volume on a CPU", lambda: bench_volume_cpu(net, Path(tmp))),
         ):
+            if SECTIONS and name not in SECTIONS:
+                continue
             start = time.perf_counter()
             results.update(run())
             print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
