@@ -161,6 +161,25 @@ def test_inference_section_falls_back_to_loose_files_and_single_file(tmp_path):
     assert load_datalist(tmp_path / "a.png", "inference") == [{"image": str((tmp_path / "a.png").resolve())}]
 
 
+def test_inference_with_nothing_to_predict_says_where_it_looked(tmp_path):
+    # a training folder (imagesTr/ + labelsTr/ only): nothing to predict, said before any work
+    _png(tmp_path / "imagesTr" / "a.png", _cells())
+    _png(tmp_path / "labelsTr" / "a.png", np.zeros((32, 32), np.uint8))
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path, "inference")
+    message = str(raised.value)
+    assert f"{tmp_path}: no images to predict" in message
+    assert "no `test` list in dataset.json, no imagesTs/, no image files in the folder itself" in message
+    assert f"its imagesTr/ holds 1 image(s): to predict them, give --dataset_dir {tmp_path / 'imagesTr'}" in message
+    # an empty imagesTs/ is named as such
+    (tmp_path / "imagesTs").mkdir()
+    with pytest.raises(DatasetError, match="imagesTs/ holds no image files"):
+        load_datalist(tmp_path, "inference")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images to predict"):
+        load_datalist(tmp_path / "empty", "inference")
+
+
 def test_good_synthetic_datasets_pass(synthetic):
     for modality, label_map in (("microscopy", None), ("ct", None), ("endoscopy", {255: 1})):
         check_dataset(

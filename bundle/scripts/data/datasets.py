@@ -115,8 +115,26 @@ def _inference_items(root: Path, content: dict | None) -> list[dict]:
         return [e if isinstance(e, dict) else {"image": e} for e in (_resolve(root, t) for t in content["test"])]
     folder = root / "imagesTs" if (root / "imagesTs").is_dir() else root
     images, ignored = list_images(folder)
+    if not images:
+        raise DatasetError([_nothing_to_predict(root)])
     _note_ignored(ignored)
     return [{"image": p} for p in images]
+
+
+def _nothing_to_predict(root: Path) -> str:
+    """Where inference looked for images and found none; a training folder's imagesTr/ is named, as
+    its images are what a user pointing inference at it most likely meant."""
+    looked = (
+        "imagesTs/ holds no image files"
+        if (root / "imagesTs").is_dir()
+        else "no imagesTs/, no image files in the folder itself"
+    )
+    message = f"{root}: no images to predict (no `test` list in dataset.json, {looked})"
+    training = root / "imagesTr"
+    n = len(list_images(training)[0]) if training.is_dir() else 0
+    if n:
+        message += f"; its imagesTr/ holds {n} image(s): to predict them, give --dataset_dir {training}"
+    return message
 
 
 def _refuse_shared_images(root: Path, splits: Mapping[str, Sequence[Mapping]]) -> None:
