@@ -3,13 +3,18 @@
 A value MONAI's command line passes through unchanged (``--epochs abc`` is the string 'abc')
 would otherwise fail far from its cause ("'<' not supported between 'str' and 'int'", "optimizer
 got an empty parameter list"). The configs list their knobs in an ``options`` section and the
-``initialize`` step calls ``check`` on it first.
+``initialize`` step calls ``check`` on it first. ``check`` also refuses a command-line override
+of an id no config defines (``--epoch 3`` for ``--epochs 3``): MONAI adds such an id silently and
+nothing reads it, so the run would go on with the default.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -162,8 +167,56 @@ def _class_problems(options: Mapping[str, Any]) -> list[str]:
     return found
 
 
+def unknown_overrides(given: Mapping[str, Any] | Sequence[str], known: Sequence[str]) -> list[str]:
+    """Each id of ``given`` whose top-level part (before ``#``) is not in ``known``, as
+    '--id', with the closest known names as a suggestion."""
+    found = []
+    for key in given:
+        top = str(key).replace("::", "#").split("#")[0]
+        if top in known:
+            continue
+        close = difflib.get_close_matches(top, [k for k in known if not k.startswith("_")], n=2, cutoff=0.75)
+        found.append(f"--{key}" + (f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""))
+    return found
+
+
+def _command_line() -> tuple[Any, Mapping[str, Any]] | None:
+    """(config files, overrides) of the ``monai.bundle`` run (``run``, ``run_workflow``) being
+    initialised, read from MONAI's ``create_workflow`` up the stack; None where the workflow was
+    made otherwise (MONAI Label, MONAI FL, a test's ``ConfigParser``), which pass no typed ids."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "create_workflow" and frame.f_globals.get("__name__") == "monai.bundle.scripts":
+            args = frame.f_locals.get("_args")
+            files = frame.f_locals.get("config_file")
+            return (files, args) if isinstance(args, Mapping) and files else None
+        frame = frame.f_back
+    return None
+
+
+def check_overrides() -> None:
+    """Refuse, before any work, a command-line id that none of the run's configs defines (a typo
+    MONAI would keep as a new id that nothing reads). Ids under a defined one (``train#...``) and
+    MONAI's own arguments pass."""
+    found = _command_line()
+    if found is None:
+        return
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
+    files, given = found
+    known = set(ConfigParser.load_config_files(files)) | {"_meta_"}
+    known |= set(inspect.signature(ConfigWorkflow.__init__).parameters) - {"self", "override"}
+    problems = unknown_overrides(given, sorted(known))
+    if problems:
+        raise OptionError(
+            "unknown knob(s) on the command line, defined by none of the configs:\n  " + "\n  ".join(problems)
+        )
+
+
 def check(options: Mapping[str, Any]) -> None:
-    """Raise ``OptionError`` naming every wrong knob, before any work."""
+    """Raise ``OptionError`` naming every wrong knob, before any work: command-line ids no config
+    defines, then values each knob's rule refuses."""
+    check_overrides()
     unknown = sorted(set(options) - set(RULES))
     if unknown:
         raise TypeError(f"no rule for the knobs {unknown} (scripts.common.options.RULES)")
