@@ -231,6 +231,24 @@ def test_shape_mismatch_and_missing_label(tmp_path):
     assert _problems({"image": image}) == f"{image}: missing label"
 
 
+def test_a_label_named_otherwise_than_its_image_is_suggested(tmp_path):
+    # labels pair with images by file name: a mask saved as <name>_mask.png, or nnU-Net's image
+    # <name>_0000.nii.gz beside the label <name>.nii.gz, is named in the refusal
+    for image_name, label_name in (("case00.png", "case00_mask.png"), ("liver_0000.png", "liver.png")):
+        root = tmp_path / image_name.split(".")[0]
+        _png(root / "imagesTr" / image_name, _cells())
+        _png(root / "imagesTr" / "other.png", _cells())
+        _png(root / "labelsTr" / label_name, np.zeros((32, 40), np.uint8))
+        _png(root / "labelsTr" / "other.png", np.zeros((32, 40), np.uint8))
+        items = load_datalist(root, "training", val_fraction=0, test_fraction=0)
+        with pytest.raises(DatasetError) as raised:
+            check_dataset(items)
+        assert raised.value.problems == [
+            f"{root / 'imagesTr' / image_name}: missing label ({root / 'labelsTr' / image_name} does not exist; "
+            f"labels pair with images by file name: is it {root / 'labelsTr' / label_name}?)"
+        ]
+
+
 def _lps_case(tmp_path: Path) -> tuple[str, np.ndarray, np.ndarray]:
     """A NIfTI stored LPS (affine diag(-1, -1, 2)) holding an object that no flip maps onto
     itself; returns the image's path, its object mask and its affine."""

@@ -193,6 +193,25 @@ def load_datalist(
     return {"training": training, "validation": validation, "test": test}[section]
 
 
+def _no_label(image_path: Any, label_path: Any) -> str:
+    """Why a label is missing, with the file its folder holds that was most likely meant: one whose
+    name extends the image's (``case_mask.png``) or that the image's extends (nnU-Net's image
+    ``case_0000.nii.gz`` beside its label ``case.nii.gz``)."""
+    said = f"{label_path} does not exist"
+    folder, image = Path(str(label_path)).parent, stem_of(split_series(str(image_path))[0])
+    if not folder.is_dir():
+        return said
+    meant = [
+        p
+        for p in list_images(folder)[0]
+        if any(
+            a.startswith(b) and len(a) > len(b) and a[len(b)] in "_-. "
+            for a, b in ((stem_of(p), image), (image, stem_of(p)))
+        )
+    ]
+    return said + (f"; labels pair with images by file name: is it {' or '.join(meant[:3])}?" if meant else "")
+
+
 def check_case(
     item: Mapping[str, Any],
     classes: Sequence[int] = (1,),
@@ -226,7 +245,9 @@ def check_case(
     label_path = item.get("label")
     if label_path is None or not (Path(str(label_path)).exists() or SERIES_SEP in str(label_path)):
         if require_label:
-            problems.append(f"{image_path}: missing label" + (f" ({label_path} does not exist)" if label_path else ""))
+            problems.append(
+                f"{image_path}: missing label" + (f" ({_no_label(image_path, label_path)})" if label_path else "")
+            )
         return problems
     try:
         label, _ = label_on_image_grid(*read_image(label_path, as_label=True), meta)
