@@ -249,6 +249,18 @@ def test_a_label_named_otherwise_than_its_image_is_suggested(tmp_path):
         ]
 
 
+def test_a_jpeg_label_is_named_as_the_cause_of_its_stray_values(tmp_path):
+    # JPEG's lossy compression leaves values between 0 and 255 along every edge of a 0/255 mask;
+    # mapping 255 to 1 (what the message would otherwise suggest) cannot fix that
+    image = _png(tmp_path / "img.png", _cells())
+    mask = np.zeros((32, 40), np.uint8)
+    mask[8:20, 10:30] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=90)
+    message = _problems({"image": image, "label": str(tmp_path / "mask.jpg")}, label_map={255: 1})
+    assert message.startswith(f"{tmp_path / 'mask.jpg'}: label values ")
+    assert message.endswith("a JPEG label: lossy compression changes the values along every edge; save masks as PNG")
+
+
 def _lps_case(tmp_path: Path) -> tuple[str, np.ndarray, np.ndarray]:
     """A NIfTI stored LPS (affine diag(-1, -1, 2)) holding an object that no flip maps onto
     itself; returns the image's path, its object mask and its affine."""

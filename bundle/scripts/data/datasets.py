@@ -258,7 +258,9 @@ def check_case(
     else:
         _, bad = class_of_values(np.unique(label).tolist(), classes, label_map)
         if bad:
-            problems.append(f"{label_path}: {describe_bad_labels(bad, classes)}")
+            lossy = Path(str(label_path)).suffix.lower() in (".jpg", ".jpeg")
+            note = "; a JPEG label: lossy compression changes the values along every edge; save masks as PNG"
+            problems.append(f"{label_path}: {describe_bad_labels(bad, classes)}" + (note if lossy else ""))
     return problems
 
 
