@@ -5,7 +5,8 @@ in — for deployment without this bundle::
     python -m scripts.export --filepath models/model.ts [--sam_checkpoint ...]     # TorchScript
 
 - ONNX (dynamic batch), checked against PyTorch with onnxruntime when it is installed;
-- TorchScript (``.ts`` or ``.pt``), traced (SAM's modules are not scriptable), any batch size.
+- TorchScript (``.ts`` or ``.pt``; never onto ``model_path``, the prompts), traced (SAM's modules are
+  not scriptable), any batch size.
 
 Either file carries the training's preprocessing recipe (``scripts.engine.recipe``, as recorded
 in model.pt) as JSON under ``ptsam_recipe``, and what the network takes and gives under
