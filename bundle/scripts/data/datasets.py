@@ -212,6 +212,18 @@ def _no_label(image_path: Any, label_path: Any) -> str:
     return said + (f"; labels pair with images by file name: is it {' or '.join(meant[:3])}?" if meant else "")
 
 
+def describe_split(training: Sequence[Mapping], validation: Sequence[Mapping]) -> str:
+    """Log (and return) what a training learns from and what chooses its best epoch: a folder of
+    one's own is split by rule (``val_fraction``, ``test_fraction``), so the counts are news."""
+    said = f"training on {len(training)} image(s); " + (
+        f"{len(validation)} validation image(s) choose the best epoch"
+        if validation
+        else "no validation image: the final prompts will be saved"
+    )
+    logger.info(said)
+    return said
+
+
 def check_case(
     item: Mapping[str, Any],
     classes: Sequence[int] = (1,),
