@@ -180,6 +180,21 @@ def test_inference_with_nothing_to_predict_says_where_it_looked(tmp_path):
         load_datalist(tmp_path / "empty", "inference")
 
 
+def test_a_training_folder_of_another_layout_is_told_the_expected_one(tmp_path):
+    _png(tmp_path / "task" / "imagesTr" / "a.png", _cells())
+    _png(tmp_path / "task" / "labelsTr" / "a.png", np.zeros((32, 40), np.uint8))
+    # the images folder itself given: its parent is meant
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path / "task" / "imagesTr")
+    assert f"give the folder that holds it: --dataset_dir {tmp_path / 'task'}" in str(raised.value)
+    # images and masks side by side: the expected layout is said
+    _png(tmp_path / "flat" / "a.png", _cells())
+    _png(tmp_path / "flat" / "a_mask.png", np.zeros((32, 40), np.uint8))
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path / "flat")
+    assert "it holds 2 image file(s): put the images in imagesTr/ and their labels, named as" in str(raised.value)
+
+
 def test_good_synthetic_datasets_pass(synthetic):
     for modality, label_map in (("microscopy", None), ("ct", None), ("endoscopy", {255: 1})):
         check_dataset(

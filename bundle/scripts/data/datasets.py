@@ -151,6 +151,20 @@ def _refuse_shared_images(root: Path, splits: Mapping[str, Sequence[Mapping]]) -
         raise DatasetError(problems)
 
 
+def _layout_hint(root: Path) -> str:
+    """What a folder without the expected layout was likely meant as: the images folder itself (its
+    parent holds the dataset), or images and masks side by side."""
+    if root.name in ("imagesTr", "labelsTr") or (root.parent / "imagesTr").is_dir():
+        return f"; {root.name}/ is part of a dataset: give the folder that holds it: --dataset_dir {root.parent}"
+    n = len(list_images(root)[0])
+    if not n:
+        return ""
+    return (
+        f"; it holds {n} image file(s): put the images in imagesTr/ and their labels, named as their images, "
+        "in labelsTr/ (or list the pairs in dataset.json)"
+    )
+
+
 def load_datalist(
     dataset_dir: str | Path, section: str = "training", val_fraction: float = 0.2, test_fraction: float = 0.2
 ) -> list[dict]:
@@ -174,7 +188,7 @@ def load_datalist(
         validation = [_resolve(root, e) for e in content.get("validation", [])]
     else:
         if not (root / "imagesTr").is_dir():
-            raise DatasetError([f"{root}: neither dataset.json nor imagesTr/ found"])
+            raise DatasetError([f"{root}: neither dataset.json nor imagesTr/ found{_layout_hint(root)}"])
         training, validation = _pairs(root / "imagesTr", root / "labelsTr"), []
         test = _pairs(root / "imagesTs", root / "labelsTs") if (root / "labelsTs").is_dir() else []
     if not test:
