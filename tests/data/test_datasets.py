@@ -195,6 +195,19 @@ def test_a_training_folder_of_another_layout_is_told_the_expected_one(tmp_path):
     assert "it holds 2 image file(s): put the images in imagesTr/ and their labels, named as" in str(raised.value)
 
 
+def test_inference_leaves_out_earlier_predictions_beside_their_images(tmp_path, caplog):
+    # predictions written into the images' own folder (--output_dir = --dataset_dir) must not be
+    # predicted again as images the next time (a_seg.png -> a_seg_seg.png)
+    for name in ("a.png", "a_seg.png", "b_seg.png", "c.nii.gz", "c_seg.nii.gz"):
+        _png(tmp_path / name, _cells()) if name.endswith(".png") else nib.save(
+            nib.Nifti1Image(np.zeros((16, 16, 3), np.uint8), np.eye(4)), tmp_path / name
+        )
+    with caplog.at_level(logging.INFO, logger="scripts.data.datasets"):
+        found = [Path(i["image"]).name for i in load_datalist(tmp_path, "inference")]
+    assert found == ["a.png", "b_seg.png", "c.nii.gz"]  # b_seg.png has no image of its own beside it
+    assert f"ignored {tmp_path / 'a_seg.png'}: the prediction of a.png beside it" in caplog.text
+
+
 def test_good_synthetic_datasets_pass(synthetic):
     for modality, label_map in (("microscopy", None), ("ct", None), ("endoscopy", {255: 1})):
         check_dataset(

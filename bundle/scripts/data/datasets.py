@@ -18,7 +18,8 @@ Three labelled splits, none of which sees another's images:
 
 Splits rank cases by a hash of their file name (salted per split), so they are the same on
 every machine and in every order. ``inference`` lists the images to predict: the ``test``
-list (labels or not), else ``imagesTs/``, else every image in the folder, or one file.
+list (labels or not), else ``imagesTs/``, else every image in the folder (less earlier predictions
+beside their images, ``<name>_seg.*``), or one file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .io import ImageReadError, UnsupportedFileError, list_images, probe_image, read_image
-from .io.formats import SERIES_SEP, split_series, stem_of
+from .io.formats import SERIES_SEP, output_stem, split_series, stem_of
 from .labels import class_of_values, describe_bad_labels
 from .pairs import LabelGridError, label_on_image_grid
 
@@ -118,7 +120,15 @@ def _inference_items(root: Path, content: dict | None) -> list[dict]:
     if not images:
         raise DatasetError([_nothing_to_predict(root)])
     _note_ignored(ignored)
-    return [{"image": p} for p in images]
+    sources = {output_stem(p): p for p in images}
+    kept = []
+    for path in images:
+        source = sources.get(re.sub(r"_seg(_\d+)?$", "", output_stem(path)))
+        if source is not None and source != path:
+            logger.info("ignored %s: the prediction of %s beside it", path, Path(split_series(source)[0]).name)
+        else:
+            kept.append({"image": path})
+    return kept
 
 
 def _nothing_to_predict(root: Path) -> str:
