@@ -286,3 +286,19 @@ def test_a_misspelt_knob_is_refused_not_ignored(synthetic, tmp_path):
         done = monai_bundle("run", run_id, "--config_file", files, *common, typo, "2")
         assert done.returncode != 0
         assert _last_lines(done) == [f"  {typo} (did you mean {meant}?)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_a_device_that_is_not_here_is_named_before_any_work(synthetic, tmp_path):
+    # `make setup` installs CPU torch where there is no nvidia-smi: --device cuda then failed
+    # deep in the network's construction ("Torch not compiled with CUDA enabled")
+    done = _train(synthetic, tmp_path, "--device", "cuda")
+    assert done.returncode != 0
+    assert _last_lines(done)[0].startswith("  --device 'cuda': expected cpu (CUDA is not available here")
+    assert not (tmp_path / "models").exists()
+    assert problems({"device": "gpu"}) == ["--device 'gpu': expected a torch device: cpu, cuda, cuda:0, ..."]
+    assert problems({"device": torch.device("cpu")}) == []
+
+
+def test_eval_section_is_checked_with_the_knobs(tmp_path):
+    assert problems({"eval_section": "valid"}) == ["--eval_section 'valid': expected one of test, validation, training"]

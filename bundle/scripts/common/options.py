@@ -67,6 +67,29 @@ def _names() -> Callable[[Any], str | None]:
     return rule
 
 
+def _device() -> Callable[[Any], str | None]:
+    """A device that exists here: CPU torch (what ``make setup`` installs without ``nvidia-smi``)
+    would otherwise fail deep in building the network ("Torch not compiled with CUDA enabled")."""
+
+    def rule(value: Any) -> str | None:
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            return "a torch device: cpu, cuda, cuda:0, ..."
+        if device.type == "cuda" and not torch.cuda.is_available():
+            built = (
+                f"built for CUDA {torch.version.cuda}, no GPU visible" if torch.version.cuda else "built without CUDA"
+            )
+            return f"cpu (CUDA is not available here: torch {torch.__version__} is {built})"
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            return f"cpu or cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        return None
+
+    return rule
+
+
 def _whole(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int)
 
@@ -120,6 +143,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "cache_dtype": _choice("float32", "float16"),
     "encoder_engine": _choice("torch", "onnxruntime", "openvino"),
     "n_overlays": _integer(0),
+    "eval_section": _choice("test", "validation", "training"),
+    "device": _device(),
 }
 
 
