@@ -208,6 +208,24 @@ def test_inference_leaves_out_earlier_predictions_beside_their_images(tmp_path, 
     assert f"ignored {tmp_path / 'a_seg.png'}: the prediction of a.png beside it" in caplog.text
 
 
+def test_a_missing_label_of_a_held_out_test_case_stops_training_too(tmp_path):
+    # test_fraction carves the test images out of imagesTr/ by a hash of their names: a missing
+    # label there is the same mistake as one in training, and was found only by evaluation, after
+    # the whole training
+    for i in range(6):
+        _png(tmp_path / "imagesTr" / f"c{i}.png", _cells())
+        _png(tmp_path / "labelsTr" / f"c{i}.png", np.zeros((32, 40), np.uint8))
+    held = Path(load_datalist(tmp_path, "test")[0]["image"]).name
+    (tmp_path / "labelsTr" / held).unlink()
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path, "training")
+    assert raised.value.problems == [
+        f"{tmp_path / 'imagesTr' / held}: missing label ({tmp_path / 'labelsTr' / held} does not exist; "
+        "held out as a test image by test_fraction, evaluation needs it)"
+    ]
+    assert load_datalist(tmp_path, "test")  # evaluation's own check names it with the rest
+
+
 def test_good_synthetic_datasets_pass(synthetic):
     for modality, label_map in (("microscopy", None), ("ct", None), ("endoscopy", {255: 1})):
         check_dataset(

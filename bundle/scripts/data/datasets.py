@@ -175,6 +175,20 @@ def _layout_hint(root: Path) -> str:
     )
 
 
+def _refuse_unlabelled_held_out(test: Sequence[Mapping]) -> None:
+    """A labelled case carved out as a test image by ``test_fraction`` whose label is missing: the
+    same mistake as a missing training label, which chance (the name's hash) put where training
+    does not read it; evaluation would refuse it only after the whole training."""
+    missing = [
+        f"{it['image']}: missing label ({_no_label(it['image'], it['label'])}; held out as a test image by "
+        "test_fraction, evaluation needs it)"
+        for it in test
+        if it.get("label") and not (Path(str(it["label"])).exists() or SERIES_SEP in str(it["label"]))
+    ]
+    if missing:
+        raise DatasetError(missing)
+
+
 def load_datalist(
     dataset_dir: str | Path, section: str = "training", val_fraction: float = 0.2, test_fraction: float = 0.2
 ) -> list[dict]:
@@ -203,6 +217,8 @@ def load_datalist(
         test = _pairs(root / "imagesTs", root / "labelsTs") if (root / "labelsTs").is_dir() else []
     if not test:
         training, test = held_out(training, test_fraction, salt="test:")
+        if section != "test":  # evaluation's dataset check names these with every other problem
+            _refuse_unlabelled_held_out(test)
     if not validation:
         training, validation = held_out(training, val_fraction)
     _refuse_shared_images(root, {"training": training, "validation": validation, "test": test})
