@@ -5,7 +5,8 @@ in — for deployment without this bundle::
     python -m scripts.export --filepath models/model.ts [--sam_checkpoint ...]     # TorchScript
 
 - ONNX (dynamic batch), checked against PyTorch with onnxruntime when it is installed;
-- TorchScript (``.ts`` or ``.pt``), traced (SAM's modules are not scriptable), any batch size.
+- TorchScript (``.ts`` or ``.pt``; never onto ``model_path``, the prompts), traced (SAM's modules are
+  not scriptable), any batch size.
 
 Either file carries the training's preprocessing recipe (``scripts.engine.recipe``, as recorded
 in model.pt) as JSON under ``ptsam_recipe``, and what the network takes and gives under
@@ -173,12 +174,31 @@ def _bundle_metadata(config_file: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _refuse_before_export(filepath: str, config_file: str, overrides: dict[str, Any]) -> None:
+    """A knob the config does not define (a typo would be ignored, exporting other prompts), and an
+    export onto the trained prompts (``--filepath models/model.pt``: ``.pt`` means TorchScript here)."""
+    from monai.bundle import ConfigParser
+
+    from .common.options import OptionError, unknown_overrides
+
+    unknown = unknown_overrides(overrides, sorted(ConfigParser.load_config_files(config_file)))
+    if unknown:
+        raise OptionError(f"unknown knob(s), defined by none of {config_file}:\n  " + "\n  ".join(unknown))
+    model_path = Path(_parser(config_file, overrides).get_parsed_content("model_path"))
+    if Path(filepath).resolve() == model_path.resolve():
+        raise ValueError(
+            f"--filepath {filepath} is the trained prompts' file (model_path): the export would replace "
+            "it; name another file, e.g. models/model.ts"
+        )
+
+
 def main(filepath: str = "models/model.onnx", config_file: str = "configs/inference.yaml", **overrides: Any) -> str:
     """Export to ONNX, or to TorchScript when ``filepath`` ends in .ts or .pt."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torchscript = Path(filepath).suffix in TORCHSCRIPT_SUFFIXES
     if not torchscript and Path(filepath).suffix != ".onnx":
         raise ValueError(f"--filepath {filepath}: name an .onnx file, or a .ts / .pt file for TorchScript")
+    _refuse_before_export(filepath, config_file, overrides)
     network = build_network(config_file, **overrides)
     recipe = trained_recipe(config_file, **overrides)
     entries = export_entries(network, recipe)

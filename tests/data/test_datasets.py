@@ -161,6 +161,71 @@ def test_inference_section_falls_back_to_loose_files_and_single_file(tmp_path):
     assert load_datalist(tmp_path / "a.png", "inference") == [{"image": str((tmp_path / "a.png").resolve())}]
 
 
+def test_inference_with_nothing_to_predict_says_where_it_looked(tmp_path):
+    # a training folder (imagesTr/ + labelsTr/ only): nothing to predict, said before any work
+    _png(tmp_path / "imagesTr" / "a.png", _cells())
+    _png(tmp_path / "labelsTr" / "a.png", np.zeros((32, 32), np.uint8))
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path, "inference")
+    message = str(raised.value)
+    assert f"{tmp_path}: no images to predict" in message
+    assert "no `test` list in dataset.json, no imagesTs/, no image files in the folder itself" in message
+    assert f"its imagesTr/ holds 1 image(s): to predict them, give --dataset_dir {tmp_path / 'imagesTr'}" in message
+    # an empty imagesTs/ is named as such
+    (tmp_path / "imagesTs").mkdir()
+    with pytest.raises(DatasetError, match="imagesTs/ holds no image files"):
+        load_datalist(tmp_path, "inference")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images to predict"):
+        load_datalist(tmp_path / "empty", "inference")
+
+
+def test_a_training_folder_of_another_layout_is_told_the_expected_one(tmp_path):
+    _png(tmp_path / "task" / "imagesTr" / "a.png", _cells())
+    _png(tmp_path / "task" / "labelsTr" / "a.png", np.zeros((32, 40), np.uint8))
+    # the images folder itself given: its parent is meant
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path / "task" / "imagesTr")
+    assert f"give the folder that holds it: --dataset_dir {tmp_path / 'task'}" in str(raised.value)
+    # images and masks side by side: the expected layout is said
+    _png(tmp_path / "flat" / "a.png", _cells())
+    _png(tmp_path / "flat" / "a_mask.png", np.zeros((32, 40), np.uint8))
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path / "flat")
+    assert "it holds 2 image file(s): put the images in imagesTr/ and their labels, named as" in str(raised.value)
+
+
+def test_inference_leaves_out_earlier_predictions_beside_their_images(tmp_path, caplog):
+    # predictions written into the images' own folder (--output_dir = --dataset_dir) must not be
+    # predicted again as images the next time (a_seg.png -> a_seg_seg.png)
+    for name in ("a.png", "a_seg.png", "b_seg.png", "c.nii.gz", "c_seg.nii.gz"):
+        _png(tmp_path / name, _cells()) if name.endswith(".png") else nib.save(
+            nib.Nifti1Image(np.zeros((16, 16, 3), np.uint8), np.eye(4)), tmp_path / name
+        )
+    with caplog.at_level(logging.INFO, logger="scripts.data.datasets"):
+        found = [Path(i["image"]).name for i in load_datalist(tmp_path, "inference")]
+    assert found == ["a.png", "b_seg.png", "c.nii.gz"]  # b_seg.png has no image of its own beside it
+    assert f"ignored {tmp_path / 'a_seg.png'}: the prediction of a.png beside it" in caplog.text
+
+
+def test_a_missing_label_of_a_held_out_test_case_stops_training_too(tmp_path):
+    # test_fraction carves the test images out of imagesTr/ by a hash of their names: a missing
+    # label there is the same mistake as one in training, and was found only by evaluation, after
+    # the whole training
+    for i in range(6):
+        _png(tmp_path / "imagesTr" / f"c{i}.png", _cells())
+        _png(tmp_path / "labelsTr" / f"c{i}.png", np.zeros((32, 40), np.uint8))
+    held = Path(load_datalist(tmp_path, "test")[0]["image"]).name
+    (tmp_path / "labelsTr" / held).unlink()
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path, "training")
+    assert raised.value.problems == [
+        f"{tmp_path / 'imagesTr' / held}: missing label ({tmp_path / 'labelsTr' / held} does not exist; "
+        "held out as a test image by test_fraction, evaluation needs it)"
+    ]
+    assert load_datalist(tmp_path, "test")  # evaluation's own check names it with the rest
+
+
 def test_good_synthetic_datasets_pass(synthetic):
     for modality, label_map in (("microscopy", None), ("ct", None), ("endoscopy", {255: 1})):
         check_dataset(
@@ -210,6 +275,36 @@ def test_shape_mismatch_and_missing_label(tmp_path):
         f"{image}: missing label ({tmp_path / 'nope.png'} does not exist)"
     )
     assert _problems({"image": image}) == f"{image}: missing label"
+
+
+def test_a_label_named_otherwise_than_its_image_is_suggested(tmp_path):
+    # labels pair with images by file name: a mask saved as <name>_mask.png, or nnU-Net's image
+    # <name>_0000.nii.gz beside the label <name>.nii.gz, is named in the refusal
+    for image_name, label_name in (("case00.png", "case00_mask.png"), ("liver_0000.png", "liver.png")):
+        root = tmp_path / image_name.split(".")[0]
+        _png(root / "imagesTr" / image_name, _cells())
+        _png(root / "imagesTr" / "other.png", _cells())
+        _png(root / "labelsTr" / label_name, np.zeros((32, 40), np.uint8))
+        _png(root / "labelsTr" / "other.png", np.zeros((32, 40), np.uint8))
+        items = load_datalist(root, "training", val_fraction=0, test_fraction=0)
+        with pytest.raises(DatasetError) as raised:
+            check_dataset(items)
+        assert raised.value.problems == [
+            f"{root / 'imagesTr' / image_name}: missing label ({root / 'labelsTr' / image_name} does not exist; "
+            f"labels pair with images by file name: is it {root / 'labelsTr' / label_name}?)"
+        ]
+
+
+def test_a_jpeg_label_is_named_as_the_cause_of_its_stray_values(tmp_path):
+    # JPEG's lossy compression leaves values between 0 and 255 along every edge of a 0/255 mask;
+    # mapping 255 to 1 (what the message would otherwise suggest) cannot fix that
+    image = _png(tmp_path / "img.png", _cells())
+    mask = np.zeros((32, 40), np.uint8)
+    mask[8:20, 10:30] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=90)
+    message = _problems({"image": image, "label": str(tmp_path / "mask.jpg")}, label_map={255: 1})
+    assert message.startswith(f"{tmp_path / 'mask.jpg'}: label values ")
+    assert message.endswith("a JPEG label: lossy compression changes the values along every edge; save masks as PNG")
 
 
 def _lps_case(tmp_path: Path) -> tuple[str, np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime
+import pytest
 import torch
 
 from helpers import BUNDLE, monai_bundle, quiet
@@ -121,3 +122,22 @@ def test_torchscript_file_carries_the_recipe_and_input_contract_as_the_onnx_file
     image = torch.randn(3, 3, 256, 256)  # another batch than the trace's
     with torch.no_grad():
         assert (exported(image) - net(image)).abs().max() <= 1e-4
+
+
+def test_export_refuses_to_overwrite_the_trained_prompts_and_unknown_knobs(tmp_path):
+    from scripts.common.options import OptionError
+    from scripts.export import main
+
+    _, model = _trained(tmp_path)
+    before = (tmp_path / "models" / "model.pt").read_bytes()
+    config = str(BUNDLE / "configs" / "inference.yaml")
+    # `.pt` is a TorchScript name too: exporting onto model.pt would replace the prompts
+    with pytest.raises(ValueError, match=r"--filepath .*model\.pt is the trained prompts' file"):
+        quiet(
+            main, str(tmp_path / "models" / "model.pt"), config, sam_variant="tiny", ckpt_dir=str(tmp_path / "models")
+        )
+    assert (tmp_path / "models" / "model.pt").read_bytes() == before
+    # a misspelt knob would otherwise be ignored (here: the default models/ folder's prompts)
+    with pytest.raises(OptionError, match=r"--ckpt_dri \(did you mean --ckpt_dir\?\)"):
+        quiet(main, str(tmp_path / "model.ts"), config, sam_variant="tiny", ckpt_dri=str(tmp_path / "models"))
+    assert not (tmp_path / "model.ts").exists()

@@ -264,3 +264,41 @@ def test_a_training_image_with_channels_the_preprocessing_refuses_stops_it_befor
     assert done.returncode != 0
     assert f"{image}: has 4 channels; choose 3 with `channels`, e.g. [0, 1, 2]" in done.stderr
     assert "epoch 1/" not in done.stdout + done.stderr and not (tmp_path / "models").exists()
+
+
+def test_a_misspelt_knob_is_refused_not_ignored(synthetic, tmp_path):
+    # MONAI adds an id no config defines and nothing reads it: `--epoch 3` would train 40 epochs.
+    done = _train(synthetic, tmp_path, "--epoch", "3", "--sam_checkpoin", "x.pth", "--batch_size", "2")
+    assert done.returncode != 0
+    assert _last_lines(done, 3) == [
+        "Error: unknown knob(s) on the command line, defined by none of the configs:",
+        "  --epoch (did you mean --epochs?)",
+        "  --sam_checkpoin (did you mean --sam_checkpoint?)",
+    ]
+    assert not (tmp_path / "models").exists()  # refused before any work
+    # evaluation and inference refuse the same way, each knowing its own configs' knobs
+    common = ["--sam_variant", "tiny", "--dataset_dir", str(synthetic / "microscopy"), "--ckpt_dir", str(tmp_path)]
+    evaluate = f"['{TRAIN}','configs/evaluate.yaml']"
+    for files, run_id, typo, meant in (
+        (evaluate, "evaluating", "--n_overlay", "--n_overlays"),
+        (INFERENCE, "inference", "--instance_label", "--instance_labels"),
+    ):
+        done = monai_bundle("run", run_id, "--config_file", files, *common, typo, "2")
+        assert done.returncode != 0
+        assert _last_lines(done) == [f"  {typo} (did you mean {meant}?)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_a_device_that_is_not_here_is_named_before_any_work(synthetic, tmp_path):
+    # `make setup` installs CPU torch where there is no nvidia-smi: --device cuda then failed
+    # deep in the network's construction ("Torch not compiled with CUDA enabled")
+    done = _train(synthetic, tmp_path, "--device", "cuda")
+    assert done.returncode != 0
+    assert _last_lines(done)[0].startswith("  --device 'cuda': expected cpu (CUDA is not available here")
+    assert not (tmp_path / "models").exists()
+    assert problems({"device": "gpu"}) == ["--device 'gpu': expected a torch device: cpu, cuda, cuda:0, ..."]
+    assert problems({"device": torch.device("cpu")}) == []
+
+
+def test_eval_section_is_checked_with_the_knobs(tmp_path):
+    assert problems({"eval_section": "valid"}) == ["--eval_section 'valid': expected one of test, validation, training"]

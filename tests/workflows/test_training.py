@@ -33,6 +33,8 @@ def test_two_epochs_write_a_loadable_model(synthetic, tmp_path):
     done = monai_bundle("run", "training", *_train_args(synthetic / "microscopy", tmp_path, "--epochs", "2"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "epoch 2/2" in done.stdout and "val_mean_dice" in done.stdout
+    # what the run trains and chooses on, said before it starts (a user's own folder is split by rule)
+    assert "training on 4 image(s); 2 validation image(s) choose the best epoch" in done.stdout
     model = tmp_path / "models" / "model.pt"
     state = torch.load(model, weights_only=True)
     assert set(state) == {"md_prompts.tokens", "ie_prompts.tokens", "ptsam_meta", "ptsam_recipe", "ptsam_split"}
@@ -52,6 +54,7 @@ def test_without_validation_images_the_final_prompts_are_saved(synthetic, tmp_pa
     done = monai_bundle("run", "training", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no validation ran: the final prompts are saved" in done.stdout + done.stderr
+    assert "training on 4 image(s); no validation image: the final prompts will be saved" in done.stdout
     net = quiet(PTSAM, "tiny")
     before = net.md_prompts.tokens.detach().clone()
     load_prompts(net, tmp_path / "models" / "model.pt")

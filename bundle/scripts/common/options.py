@@ -3,13 +3,18 @@
 A value MONAI's command line passes through unchanged (``--epochs abc`` is the string 'abc')
 would otherwise fail far from its cause ("'<' not supported between 'str' and 'int'", "optimizer
 got an empty parameter list"). The configs list their knobs in an ``options`` section and the
-``initialize`` step calls ``check`` on it first.
+``initialize`` step calls ``check`` on it first. ``check`` also refuses a command-line override
+of an id no config defines (``--epoch 3`` for ``--epochs 3``): MONAI adds such an id silently and
+nothing reads it, so the run would go on with the default.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -58,6 +63,29 @@ def _names() -> Callable[[Any], str | None]:
     def rule(value: Any) -> str | None:
         ok = isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value)
         return None if ok else "a list of non-empty names"
+
+    return rule
+
+
+def _device() -> Callable[[Any], str | None]:
+    """A device that exists here: CPU torch (what ``make setup`` installs without ``nvidia-smi``)
+    would otherwise fail deep in building the network ("Torch not compiled with CUDA enabled")."""
+
+    def rule(value: Any) -> str | None:
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            return "a torch device: cpu, cuda, cuda:0, ..."
+        if device.type == "cuda" and not torch.cuda.is_available():
+            built = (
+                f"built for CUDA {torch.version.cuda}, no GPU visible" if torch.version.cuda else "built without CUDA"
+            )
+            return f"cpu (CUDA is not available here: torch {torch.__version__} is {built})"
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            return f"cpu or cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        return None
 
     return rule
 
@@ -115,6 +143,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "cache_dtype": _choice("float32", "float16"),
     "encoder_engine": _choice("torch", "onnxruntime", "openvino"),
     "n_overlays": _integer(0),
+    "eval_section": _choice("test", "validation", "training"),
+    "device": _device(),
 }
 
 
@@ -162,8 +192,56 @@ def _class_problems(options: Mapping[str, Any]) -> list[str]:
     return found
 
 
+def unknown_overrides(given: Mapping[str, Any] | Sequence[str], known: Sequence[str]) -> list[str]:
+    """Each id of ``given`` whose top-level part (before ``#``) is not in ``known``, as
+    '--id', with the closest known names as a suggestion."""
+    found = []
+    for key in given:
+        top = str(key).replace("::", "#").split("#")[0]
+        if top in known:
+            continue
+        close = difflib.get_close_matches(top, [k for k in known if not k.startswith("_")], n=2, cutoff=0.75)
+        found.append(f"--{key}" + (f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""))
+    return found
+
+
+def _command_line() -> tuple[Any, Mapping[str, Any]] | None:
+    """(config files, overrides) of the ``monai.bundle`` run (``run``, ``run_workflow``) being
+    initialised, read from MONAI's ``create_workflow`` up the stack; None where the workflow was
+    made otherwise (MONAI Label, MONAI FL, a test's ``ConfigParser``), which pass no typed ids."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "create_workflow" and frame.f_globals.get("__name__") == "monai.bundle.scripts":
+            args = frame.f_locals.get("_args")
+            files = frame.f_locals.get("config_file")
+            return (files, args) if isinstance(args, Mapping) and files else None
+        frame = frame.f_back
+    return None
+
+
+def check_overrides() -> None:
+    """Refuse, before any work, a command-line id that none of the run's configs defines (a typo
+    MONAI would keep as a new id that nothing reads). Ids under a defined one (``train#...``) and
+    MONAI's own arguments pass."""
+    found = _command_line()
+    if found is None:
+        return
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
+    files, given = found
+    known = set(ConfigParser.load_config_files(files)) | {"_meta_"}
+    known |= set(inspect.signature(ConfigWorkflow.__init__).parameters) - {"self", "override"}
+    problems = unknown_overrides(given, sorted(known))
+    if problems:
+        raise OptionError(
+            "unknown knob(s) on the command line, defined by none of the configs:\n  " + "\n  ".join(problems)
+        )
+
+
 def check(options: Mapping[str, Any]) -> None:
-    """Raise ``OptionError`` naming every wrong knob, before any work."""
+    """Raise ``OptionError`` naming every wrong knob, before any work: command-line ids no config
+    defines, then values each knob's rule refuses."""
+    check_overrides()
     unknown = sorted(set(options) - set(RULES))
     if unknown:
         raise TypeError(f"no rule for the knobs {unknown} (scripts.common.options.RULES)")

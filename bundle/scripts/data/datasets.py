@@ -18,7 +18,8 @@ Three labelled splits, none of which sees another's images:
 
 Splits rank cases by a hash of their file name (salted per split), so they are the same on
 every machine and in every order. ``inference`` lists the images to predict: the ``test``
-list (labels or not), else ``imagesTs/``, else every image in the folder, or one file.
+list (labels or not), else ``imagesTs/``, else every image in the folder (less earlier predictions
+beside their images, ``<name>_seg.*``), or one file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .io import ImageReadError, UnsupportedFileError, list_images, probe_image, read_image
-from .io.formats import SERIES_SEP, split_series, stem_of
+from .io.formats import SERIES_SEP, output_stem, split_series, stem_of
 from .labels import class_of_values, describe_bad_labels
 from .pairs import LabelGridError, label_on_image_grid
 
@@ -115,8 +117,34 @@ def _inference_items(root: Path, content: dict | None) -> list[dict]:
         return [e if isinstance(e, dict) else {"image": e} for e in (_resolve(root, t) for t in content["test"])]
     folder = root / "imagesTs" if (root / "imagesTs").is_dir() else root
     images, ignored = list_images(folder)
+    if not images:
+        raise DatasetError([_nothing_to_predict(root)])
     _note_ignored(ignored)
-    return [{"image": p} for p in images]
+    sources = {output_stem(p): p for p in images}
+    kept = []
+    for path in images:
+        source = sources.get(re.sub(r"_seg(_\d+)?$", "", output_stem(path)))
+        if source is not None and source != path:
+            logger.info("ignored %s: the prediction of %s beside it", path, Path(split_series(source)[0]).name)
+        else:
+            kept.append({"image": path})
+    return kept
+
+
+def _nothing_to_predict(root: Path) -> str:
+    """Where inference looked for images and found none; a training folder's imagesTr/ is named, as
+    its images are what a user pointing inference at it most likely meant."""
+    looked = (
+        "imagesTs/ holds no image files"
+        if (root / "imagesTs").is_dir()
+        else "no imagesTs/, no image files in the folder itself"
+    )
+    message = f"{root}: no images to predict (no `test` list in dataset.json, {looked})"
+    training = root / "imagesTr"
+    n = len(list_images(training)[0]) if training.is_dir() else 0
+    if n:
+        message += f"; its imagesTr/ holds {n} image(s): to predict them, give --dataset_dir {training}"
+    return message
 
 
 def _refuse_shared_images(root: Path, splits: Mapping[str, Sequence[Mapping]]) -> None:
@@ -131,6 +159,34 @@ def _refuse_shared_images(root: Path, splits: Mapping[str, Sequence[Mapping]]) -
             seen.setdefault(image, name)
     if problems:
         raise DatasetError(problems)
+
+
+def _layout_hint(root: Path) -> str:
+    """What a folder without the expected layout was likely meant as: the images folder itself (its
+    parent holds the dataset), or images and masks side by side."""
+    if root.name in ("imagesTr", "labelsTr") or (root.parent / "imagesTr").is_dir():
+        return f"; {root.name}/ is part of a dataset: give the folder that holds it: --dataset_dir {root.parent}"
+    n = len(list_images(root)[0])
+    if not n:
+        return ""
+    return (
+        f"; it holds {n} image file(s): put the images in imagesTr/ and their labels, named as their images, "
+        "in labelsTr/ (or list the pairs in dataset.json)"
+    )
+
+
+def _refuse_unlabelled_held_out(test: Sequence[Mapping]) -> None:
+    """A labelled case carved out as a test image by ``test_fraction`` whose label is missing: the
+    same mistake as a missing training label, which chance (the name's hash) put where training
+    does not read it; evaluation would refuse it only after the whole training."""
+    missing = [
+        f"{it['image']}: missing label ({_no_label(it['image'], it['label'])}; held out as a test image by "
+        "test_fraction, evaluation needs it)"
+        for it in test
+        if it.get("label") and not (Path(str(it["label"])).exists() or SERIES_SEP in str(it["label"]))
+    ]
+    if missing:
+        raise DatasetError(missing)
 
 
 def load_datalist(
@@ -156,11 +212,13 @@ def load_datalist(
         validation = [_resolve(root, e) for e in content.get("validation", [])]
     else:
         if not (root / "imagesTr").is_dir():
-            raise DatasetError([f"{root}: neither dataset.json nor imagesTr/ found"])
+            raise DatasetError([f"{root}: neither dataset.json nor imagesTr/ found{_layout_hint(root)}"])
         training, validation = _pairs(root / "imagesTr", root / "labelsTr"), []
         test = _pairs(root / "imagesTs", root / "labelsTs") if (root / "labelsTs").is_dir() else []
     if not test:
         training, test = held_out(training, test_fraction, salt="test:")
+        if section != "test":  # evaluation's dataset check names these with every other problem
+            _refuse_unlabelled_held_out(test)
     if not validation:
         training, validation = held_out(training, val_fraction)
     _refuse_shared_images(root, {"training": training, "validation": validation, "test": test})
@@ -173,6 +231,37 @@ def load_datalist(
             ]
         )
     return {"training": training, "validation": validation, "test": test}[section]
+
+
+def _no_label(image_path: Any, label_path: Any) -> str:
+    """Why a label is missing, with the file its folder holds that was most likely meant: one whose
+    name extends the image's (``case_mask.png``) or that the image's extends (nnU-Net's image
+    ``case_0000.nii.gz`` beside its label ``case.nii.gz``)."""
+    said = f"{label_path} does not exist"
+    folder, image = Path(str(label_path)).parent, stem_of(split_series(str(image_path))[0])
+    if not folder.is_dir():
+        return said
+    meant = [
+        p
+        for p in list_images(folder)[0]
+        if any(
+            a.startswith(b) and len(a) > len(b) and a[len(b)] in "_-. "
+            for a, b in ((stem_of(p), image), (image, stem_of(p)))
+        )
+    ]
+    return said + (f"; labels pair with images by file name: is it {' or '.join(meant[:3])}?" if meant else "")
+
+
+def describe_split(training: Sequence[Mapping], validation: Sequence[Mapping]) -> str:
+    """Log (and return) what a training learns from and what chooses its best epoch: a folder of
+    one's own is split by rule (``val_fraction``, ``test_fraction``), so the counts are news."""
+    said = f"training on {len(training)} image(s); " + (
+        f"{len(validation)} validation image(s) choose the best epoch"
+        if validation
+        else "no validation image: the final prompts will be saved"
+    )
+    logger.info(said)
+    return said
 
 
 def check_case(
@@ -208,7 +297,9 @@ def check_case(
     label_path = item.get("label")
     if label_path is None or not (Path(str(label_path)).exists() or SERIES_SEP in str(label_path)):
         if require_label:
-            problems.append(f"{image_path}: missing label" + (f" ({label_path} does not exist)" if label_path else ""))
+            problems.append(
+                f"{image_path}: missing label" + (f" ({_no_label(image_path, label_path)})" if label_path else "")
+            )
         return problems
     try:
         label, _ = label_on_image_grid(*read_image(label_path, as_label=True), meta)
@@ -219,7 +310,9 @@ def check_case(
     else:
         _, bad = class_of_values(np.unique(label).tolist(), classes, label_map)
         if bad:
-            problems.append(f"{label_path}: {describe_bad_labels(bad, classes)}")
+            lossy = Path(str(label_path)).suffix.lower() in (".jpg", ".jpeg")
+            note = "; a JPEG label: lossy compression changes the values along every edge; save masks as PNG"
+            problems.append(f"{label_path}: {describe_bad_labels(bad, classes)}" + (note if lossy else ""))
     return problems
 
 
