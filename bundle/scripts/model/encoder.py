@@ -84,13 +84,20 @@ def prompted_block(
     qkv = attn.qkv(x)  # B, H, W, 3 * dim
     if ws > 0:
         H, W = x.shape[1], x.shape[2]
-        zero = attn.qkv(x.new_zeros(1, x.shape[-1]))[0]  # the padding's projection (also when quantised)
-        qkv, pad_hw = sam_image_encoder.window_partition(_pad_with(qkv, zero, ws), ws)
+        qkv, pad_hw = sam_image_encoder.window_partition(_pad_with(qkv, _bias(attn.qkv, qkv), ws), ws)
     x = _attend(attn, qkv, prompts, query_chunk, checkpoint_chunks)
     if ws > 0:
         x = sam_image_encoder.window_unpartition(x, ws, pad_hw, (H, W))
     x = shortcut + attn.proj(x)
     return x + block.mlp(block.norm2(x))
+
+
+def _bias(linear: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """What ``linear`` maps a zero token to. Its bias, read, not computed: calling the layer again
+    would use its weight twice, and the ONNX export then keeps a transposed copy that ONNX
+    Runtime's int8 quantisation does not recognise as a weight (those layers stayed float32)."""
+    bias = linear.bias() if callable(linear.bias) else linear.bias  # a method on torch.ao's int8 layers
+    return like.new_zeros(like.shape[-1]) if bias is None else bias.to(like.dtype)
 
 
 def _pad_with(t: torch.Tensor, value: torch.Tensor, window: int) -> torch.Tensor:
