@@ -4,8 +4,9 @@ to bench.json with the machine they ran on.
 
 BENCH_QUICK=1 uses the `tiny` variant (256 px) and fewer repeats: the same comparisons in about
 30 s on 2 cores. BENCH_SECTIONS="fast paths,volume on a CPU" runs only the sections named (as
-printed in brackets), e.g. to measure one again on a quiet machine. The full run uses ViT-B at 1024 px, the one to record (20-25 minutes on 2
-cores, most of it the stock encoder the fast paths and volumes are timed against).
+printed in brackets), e.g. to measure one again on a quiet machine. The full run uses ViT-B at
+1024 px, the one to record (20-25 minutes on 2 cores, most of it the stock encoder the fast paths
+and volumes are timed against).
 """
 
 from __future__ import annotations
@@ -295,7 +296,11 @@ def bench_volume_cpu(net: PTSAM, workdir: Path) -> dict[str, float]:
             seconds[name] = time.perf_counter() - start
         stock_s.append(stock())
     per_slice = statistics.median(stock_s)
-    return {f"volume_cpu_ratio{name}": t / (VOLUME_SLICES * per_slice) for name, t in seconds.items()}
+    out = {f"volume_cpu_ratio{name}": t / (VOLUME_SLICES * per_slice) for name, t in seconds.items()}
+    # The stock encoder rewrites 0.8 GB attention matrices: of all the timings here, it varies most
+    # with the host's load (10-18 s on one machine in one hour). Its spread says how far to trust the ratios.
+    out["volume_stock_spread"] = max(stock_s) / min(stock_s)
+    return out
 
 
 def bench_volume(net: PTSAM) -> dict[str, float]:
@@ -345,6 +350,7 @@ def main() -> None:
         "volume_batch_speedup": "(report)",
         "volume_cpu_ratio": "<= 0.3",
         "volume_cpu_ratio_int8": "<= 0.3",
+        "volume_stock_spread": "(report: max / min of the stock encoder's 3 timings)",
         "ie_checkpoint_rss_ratio": "(report)",
         # exact paths differ by float rounding; int8 by its stated tolerance (docs/benchmarks.md)
         **{f"encoder_rel_error_{name}": "<= 0.05" if int8 else "<= 1e-5" for name, (_, int8) in FAST_PATHS.items()},
