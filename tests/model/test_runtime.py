@@ -134,13 +134,18 @@ def test_the_export_runs_global_attention_in_query_chunks(specialist, encoder_fi
     assert softmaxes[96] == windowed + 3 * global_
 
 
-def test_int8_quantises_every_linear_layer_of_the_encoder(specialist, encoder_files):
-    """No float32 product is left with a weight in the int8 export. A weight that reached the
-    ONNX graph other than as a plain initializer (the windowed blocks' qkv once did, through a
-    Transpose, for being used twice) is not quantised: slower, and unnoticed by the accuracy tests."""
+@pytest.mark.parametrize("n_ie", [0, 2])
+def test_int8_quantises_every_linear_layer_of_the_encoder(specialist, encoder_files, n_ie):
+    """No float32 product is left with a weight in the int8 export, with or without image-encoder
+    prompts. A weight that reached the ONNX graph other than as a plain initializer (the windowed
+    blocks' qkv, and with prompts every qkv, once did, through a Transpose, for being used twice)
+    is not quantised: slower, and unnoticed by the accuracy tests."""
     import onnx
 
-    fast = _with(specialist, "onnxruntime", True)
+    net = quiet(PTSAM, "tiny", n_md_prompts=4, n_ie_prompts=n_ie, backbone=specialist.backbone).eval()
+    with torch.no_grad():
+        net.ie_prompts.tokens.normal_(0, 1)
+    fast = _with(net, "onnxruntime", True)
     with torch.no_grad():
         fast.encode(_scenes(1, 1)[0])
     folder = encoder_files / f"encoder_{fast._runtime.stem}_int8{runtime.INT8_TAG}"
@@ -156,9 +161,7 @@ def test_int8_quantises_every_linear_layer_of_the_encoder(specialist, encoder_fi
 
     float_with_weight = [n.name for n in graph.node if n.op_type == "MatMul" and any(map(from_weight, n.input))]
     assert float_with_weight == []
-    assert sum(node.op_type == "MatMulInteger" for node in graph.node) >= 4 * len(
-        specialist.backbone.image_encoder.blocks
-    )
+    assert sum(node.op_type == "MatMulInteger" for node in graph.node) >= 4 * len(net.backbone.image_encoder.blocks)
 
 
 def test_fast_paths_refuse_what_they_cannot_do(specialist):

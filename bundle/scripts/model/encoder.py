@@ -81,21 +81,35 @@ def prompted_block(
     shortcut = x
     x = block.norm1(x)
     prompts = block.norm1(prompts) if prompts.shape[0] else prompts
-    qkv = attn.qkv(x)  # B, H, W, 3 * dim
+    qkv, prompt_kv = _project(attn.qkv, x, prompts)  # B, H, W, 3 * dim; n, 2 * dim
     if ws > 0:
         H, W = x.shape[1], x.shape[2]
         qkv, pad_hw = sam_image_encoder.window_partition(_pad_with(qkv, _bias(attn.qkv, qkv), ws), ws)
-    x = _attend(attn, qkv, prompts, query_chunk, checkpoint_chunks)
+    x = _attend(attn, qkv, prompt_kv, query_chunk, checkpoint_chunks)
     if ws > 0:
         x = sam_image_encoder.window_unpartition(x, ws, pad_hw, (H, W))
     x = shortcut + attn.proj(x)
     return x + block.mlp(block.norm2(x))
 
 
+# A layer is called once per block: a weight used twice reaches the ONNX export as a transposed
+# copy, which ONNX Runtime's int8 quantisation does not recognise as a weight (such layers stayed
+# float32: the windowed blocks' qkv, and every qkv with image-encoder prompts).
+
+
+def _project(qkv: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projections of tokens ``x`` (B, H, W, dim), and the keys and values of ``prompts``
+    (n, dim) as (n, 2 * dim), in one call of the layer."""
+    B, H, W, dim = x.shape
+    n = prompts.shape[0]
+    if not n:
+        return qkv(x), x.new_zeros(0, 2 * dim)
+    both = qkv(torch.cat([prompts.to(x.dtype).expand(B, n, dim), x.reshape(B, H * W, dim)], dim=1))
+    return both[:, n:].reshape(B, H, W, -1), both[0, :n, dim:]
+
+
 def _bias(linear: nn.Module, like: torch.Tensor) -> torch.Tensor:
-    """What ``linear`` maps a zero token to. Its bias, read, not computed: calling the layer again
-    would use its weight twice, and the ONNX export then keeps a transposed copy that ONNX
-    Runtime's int8 quantisation does not recognise as a weight (those layers stayed float32)."""
+    """What ``linear`` maps a zero token to: its bias, read, not computed (called once, above)."""
     bias = linear.bias() if callable(linear.bias) else linear.bias  # a method on torch.ao's int8 layers
     return like.new_zeros(like.shape[-1]) if bias is None else bias.to(like.dtype)
 
@@ -126,25 +140,26 @@ def prompted_attention(
     no full (H*W x H*W) attention matrix ever exists; with ``checkpoint_chunks`` each chunk is
     checkpointed (training with activation checkpointing). The result is the same.
     """
-    return attn.proj(_attend(attn, attn.qkv(x), prompts, query_chunk, checkpoint_chunks))
+    qkv, prompt_kv = _project(attn.qkv, x, prompts)
+    return attn.proj(_attend(attn, qkv, prompt_kv, query_chunk, checkpoint_chunks))
 
 
 def _attend(
     attn: nn.Module,
     qkv: torch.Tensor,
-    prompts: torch.Tensor,
+    prompt_kv: torch.Tensor,
     query_chunk: int | None = None,
     checkpoint_chunks: bool = False,
 ) -> torch.Tensor:
-    """``prompted_attention`` from the windows' projections (B, H, W, 3 * dim), before the output
-    projection: (B, H, W, dim)."""
+    """``prompted_attention`` from the windows' projections (B, H, W, 3 * dim) and the prompts'
+    keys and values (n, 2 * dim), before the output projection: (B, H, W, dim)."""
     B, H, W, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
-    L, n, heads = H * W, prompts.shape[0], attn.num_heads
+    L, n, heads = H * W, prompt_kv.shape[0], attn.num_heads
     head_dim = dim // heads
     qkv = qkv.reshape(B, L, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # B, heads, L, head_dim
     if n:  # the prompts' keys and values are computed once and shared by every window
-        kv_p = attn.qkv(prompts)[:, dim:].reshape(n, 2, heads, head_dim).permute(1, 2, 0, 3)
+        kv_p = prompt_kv.reshape(n, 2, heads, head_dim).permute(1, 2, 0, 3)
         k = torch.cat([kv_p[0].expand(B, -1, -1, -1), k], dim=2)  # B, heads, n + L, head_dim
         v = torch.cat([kv_p[1].expand(B, -1, -1, -1), v], dim=2)
     if not attn.use_rel_pos:
