@@ -81,8 +81,9 @@ def _require(module: str, engine: str) -> Any:
 
 # Queries per chunk of a global block's attention in the ONNX export. ONNX Runtime and OpenVINO
 # run attention as separate operations, each reading and writing the whole (heads, 4096, 4096)
-# float matrix of a ViT global block (0.8 GB) in memory: in chunks the bias, softmax and products
-# stay near the cache (measured in docs/benchmarks.md). Smaller chunks made the export slow.
+# float matrix of a ViT global block (0.8 GB) in memory; in chunks of 256 each pass holds 1/16
+# of it: one ViT-B image peaks at 1.3 GB instead of 3.7 GB, and memory traffic drops (measured
+# in docs/benchmarks.md). Smaller chunks made the export much slower.
 EXPORT_QUERY_CHUNK = 256
 
 
