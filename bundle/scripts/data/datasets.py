@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 
 from .io import ImageReadError, UnsupportedFileError, list_images, probe_image, read_image
 from .io.formats import SERIES_SEP, output_stem, split_series, stem_of
+from .io.writers import predicted_stem
 from .labels import class_of_values, describe_bad_labels
 from .pairs import LabelGridError, label_on_image_grid
 
@@ -123,7 +123,7 @@ def _inference_items(root: Path, content: dict | None) -> list[dict]:
     sources = {output_stem(p): p for p in images}
     kept = []
     for path in images:
-        source = sources.get(re.sub(r"_seg(_\d+)?$", "", output_stem(path)))
+        source = sources.get(predicted_stem(output_stem(path)))
         if source is not None and source != path:
             logger.info("ignored %s: the prediction of %s beside it", path, Path(split_series(source)[0]).name)
         else:

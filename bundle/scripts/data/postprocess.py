@@ -17,7 +17,7 @@ from .io import write_label
 from .io.dicom_seg import write_dicom_seg
 from .io.formats import COLUMNS_FIRST
 from .io.geojson import label_features, write_geojson
-from .io.writers import output_path
+from .io.writers import OUTPUT_POSTFIX, output_path
 from .meta import meta_int, meta_of
 
 
@@ -128,7 +128,12 @@ class WriteLabeld(MapTransform):
     the written path goes to ``<key>_path``; names stay unique within a run (``_OutputNames``)."""
 
     def __init__(
-        self, keys: KeysCollection = "pred", ref_key: str = "image", output_dir: str = ".", postfix: str = "seg", **kw
+        self,
+        keys: KeysCollection = "pred",
+        ref_key: str = "image",
+        output_dir: str = ".",
+        postfix: str = OUTPUT_POSTFIX,
+        **kw,
     ):
         super().__init__(keys, kw.pop("allow_missing_keys", False))
         self.ref_key, self.output_dir, self.postfix = ref_key, output_dir, postfix
@@ -157,7 +162,7 @@ class _WriteBeside(MapTransform):
         output_dir: str = ".",
         class_names: Sequence[str] = ("foreground",),
         enabled: bool = True,
-        postfix: str = "seg",
+        postfix: str = OUTPUT_POSTFIX,
         **kw,
     ):
         super().__init__(keys, kw.pop("allow_missing_keys", False))

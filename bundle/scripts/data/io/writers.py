@@ -10,6 +10,7 @@ leaves a half-written file.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,18 @@ from .formats import output_stem
 _EXTENSION = {"nifti": ".nii.gz", "dicom": ".nii.gz", "tiff": ".tif", "png": ".png", "jpeg": ".png"}
 
 
-def output_path(meta: Mapping[str, Any], output_dir: str | Path, postfix: str = "seg") -> Path:
+OUTPUT_POSTFIX = "seg"  # a prediction of ``case.png`` is ``case_seg.png`` (``case_seg_2.png`` for a second ``case``)
+
+
+def output_path(meta: Mapping[str, Any], output_dir: str | Path, postfix: str = OUTPUT_POSTFIX) -> Path:
     return Path(output_dir) / f"{output_stem(meta['filename_or_obj'])}_{postfix}{_EXTENSION[meta['format']]}"
+
+
+def predicted_stem(stem: str) -> str | None:
+    """The input stem a file of ``stem`` would be the prediction of (``case_seg``, ``case_seg_2``:
+    ``case``), None for a stem no prediction has."""
+    found = re.fullmatch(rf"(.+)_{OUTPUT_POSTFIX}(_\d+)?", stem)
+    return found.group(1) if found else None
 
 
 def label_dtype(label: np.ndarray) -> type:
@@ -119,7 +130,11 @@ def _check_png(label: np.ndarray, meta: Mapping[str, Any]) -> None:
 
 
 def write_label(
-    label: np.ndarray, meta: Mapping[str, Any], output_dir: str | Path, postfix: str = "seg", path: Path | None = None
+    label: np.ndarray,
+    meta: Mapping[str, Any],
+    output_dir: str | Path,
+    postfix: str = OUTPUT_POSTFIX,
+    path: Path | None = None,
 ) -> Path:
     """Write ``label`` (the input's spatial shape, no channel axis) into ``output_dir``
     (at ``path`` if given, else at ``output_path``)."""
