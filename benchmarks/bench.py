@@ -33,6 +33,7 @@ warnings.simplefilter("ignore", UserWarning)
 from scripts.engine.inferers import SliceBatchInferer  # noqa: E402
 from scripts.model.encoder import encode_image  # noqa: E402
 from scripts.model.network import PTSAM  # noqa: E402
+from scripts.model.runtime import require_bf16_units  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK", "0") not in ("0", "", "false")
 SECTIONS = {s.strip() for s in os.environ.get("BENCH_SECTIONS", "").split(",") if s.strip()}
@@ -224,17 +225,37 @@ def bench_inference(net: PTSAM, workdir: Path) -> dict[str, float]:
     return {"infer_overhead_ratio": t["full"] / t["encoder"], **shares}
 
 
-# The encoder's CPU fast paths (scripts/model/runtime.py): engine and int8, by name.
+# The encoder's CPU fast paths (scripts/model/runtime.py): engine and precision, by name.
 FAST_PATHS = {
-    "onnxruntime": ("onnxruntime", False),
-    "openvino": ("openvino", False),
-    "onnxruntime_int8": ("onnxruntime", True),
-    "torch_int8": ("torch", True),
+    "onnxruntime": ("onnxruntime", "float32"),
+    "openvino": ("openvino", "float32"),
+    "onnxruntime_int8": ("onnxruntime", "int8"),
+    "torch_int8": ("torch", "int8"),
+    "openvino_bf16": ("openvino", "bfloat16"),
 }
 
 
-def _fast(net: PTSAM, engine: str, int8: bool) -> PTSAM:
-    fast = PTSAM(VARIANT, n_md_prompts=8, backbone=net.backbone, encoder_engine=engine, encoder_int8=int8)
+def _runs_here(precision: str) -> bool:
+    """bfloat16 is refused on a CPU without its units (runtime.require_bf16_units)."""
+    if precision != "bfloat16":
+        return True
+    try:
+        require_bf16_units()
+    except ValueError as err:
+        print(f"(no bfloat16 paths: {err})", flush=True)
+        return False
+    return True
+
+
+def _fast(net: PTSAM, engine: str, precision: str) -> PTSAM:
+    fast = PTSAM(
+        VARIANT,
+        n_md_prompts=8,
+        backbone=net.backbone,
+        encoder_engine=engine,
+        encoder_int8=precision == "int8",
+        encoder_bf16=precision == "bfloat16",
+    )
     fast.load_state_dict(net.state_dict())
     return fast.eval()
 
@@ -246,8 +267,10 @@ def bench_fast_paths(net: PTSAM, image: torch.Tensor) -> dict[str, float]:
     out: dict[str, float] = {}
     with torch.no_grad():
         reference = net.encode(image)
-        for name, (engine, int8) in FAST_PATHS.items():
-            fast = _fast(net, engine, int8)
+        for name, (engine, precision) in FAST_PATHS.items():
+            if not _runs_here(precision):
+                continue
+            fast = _fast(net, engine, precision)
             start = time.perf_counter()
             fast._fast_encoder()
             out[f"build_s_{name}"] = time.perf_counter() - start
@@ -258,10 +281,20 @@ def bench_fast_paths(net: PTSAM, image: torch.Tensor) -> dict[str, float]:
     return out
 
 
+# The volume's paths: the fastest exact one and the two approximate ones (their tolerance is
+# tested in tests/model/test_runtime.py), by the suffix of their figure.
+VOLUME_PATHS = {
+    "": FAST_PATHS["onnxruntime"],
+    "_int8": FAST_PATHS["onnxruntime_int8"],
+    "_bf16": FAST_PATHS["openvino_bf16"],
+}
+
+
 def bench_volume_cpu(net: PTSAM, workdir: Path) -> dict[str, float]:
     """A CT volume of VOLUME_SLICES slices end to end (read, window, resize, network slice by
-    slice, invert, threshold, write), the encoder on ONNX Runtime in float32 and in int8, against
-    segment-anything's encoder once per slice. Each path runs once: a run is minutes."""
+    slice, invert, threshold, write), the encoder on ONNX Runtime in float32 and in int8 and on
+    OpenVINO in bfloat16, against segment-anything's encoder once per slice. Each path runs
+    once: a run is minutes."""
     import nibabel as nib
     from monai.transforms import Compose
 
@@ -285,8 +318,10 @@ def bench_volume_cpu(net: PTSAM, workdir: Path) -> dict[str, float]:
 
     stock_s = [stock()]  # before, between and after the volumes: a drift of the machine is shared
     seconds: dict[str, float] = {}
-    for name, int8 in (("", False), ("_int8", True)):
-        fast = _fast(net, "onnxruntime", int8)
+    for name, (engine, precision) in VOLUME_PATHS.items():
+        if not _runs_here(precision):
+            continue
+        fast = _fast(net, engine, precision)
         with torch.no_grad():
             fast._fast_encoder()  # built in bench_fast_paths: found in the cache folder
             start = time.perf_counter()
@@ -350,10 +385,14 @@ def main() -> None:
         "volume_batch_speedup": "(report)",
         "volume_cpu_ratio": "<= 0.3",
         "volume_cpu_ratio_int8": "<= 0.3",
+        "volume_cpu_ratio_bf16": "<= 0.3",
         "volume_stock_spread": "(report: max / min of the stock encoder's 3 timings)",
         "ie_checkpoint_rss_ratio": "(report)",
         # exact paths differ by float rounding; int8 by its stated tolerance (docs/benchmarks.md)
-        **{f"encoder_rel_error_{name}": "<= 0.05" if int8 else "<= 1e-5" for name, (_, int8) in FAST_PATHS.items()},
+        **{
+            f"encoder_rel_error_{name}": "<= 1e-5" if precision == "float32" else "<= 0.05"
+            for name, (_, precision) in FAST_PATHS.items()
+        },
     }
     cpu = report["machine"]
     print(f"\nPTSAM benchmark ({report['mode']}, {VARIANT} at {size} px) on {cpu['cpu']}, {cpu['cores']} cores")

@@ -5,9 +5,10 @@ The frozen SAM is chosen as `make demo` chooses it: ``SAM_CHECKPOINT`` (with ``S
 default vit_b), else ``bundle/models/sam_vit_b_01ec64.pth``, else the `tiny` generalist. It must
 be the backbone that ``bundle/models/model.pt`` was trained on.
 
-Inference's CPU fast paths (``--encoder-engine onnxruntime``, ``--encoder-int8 true``, or
-``ENCODER_ENGINE`` / ``ENCODER_INT8``, so `make label ENCODER_ENGINE=onnxruntime`): the image
-encoder exported once to ONNX and run there (``docs/benchmarks.md``); refused on a CUDA machine.
+Inference's CPU fast paths (``--encoder-engine onnxruntime``, ``--encoder-int8 true``,
+``--encoder-engine openvino --encoder-bf16 true``, or ``ENCODER_ENGINE`` / ``ENCODER_INT8`` /
+``ENCODER_BF16``, so `make label ENCODER_ENGINE=onnxruntime`): the image encoder exported once
+to ONNX and run there (``docs/benchmarks.md``); refused on a CUDA machine.
 
 Browsers: only the server's own origin and OHIF's development server (port 3000), each as
 http://localhost and http://127.0.0.1, may call the server from a web page (3D Slicer is no
@@ -107,6 +108,12 @@ def main() -> None:
         default=os.environ.get("ENCODER_INT8", ""),
         help="true: the encoder's linear layers in int8 (inference on a CPU; masks agree at Dice >= 0.98)",
     )
+    parser.add_argument(
+        "--encoder-bf16",
+        default=os.environ.get("ENCODER_BF16", ""),
+        help="true: the encoder in bfloat16 with --encoder-engine openvino, on a CPU with bfloat16 units "
+        "(masks agree at Dice >= 0.98)",
+    )
     args = parser.parse_args()
 
     studies = Path(args.studies).resolve()
@@ -127,7 +134,8 @@ def main() -> None:
         "--conf", "sam_variant", variant, "--conf", "sam_checkpoint", checkpoint,
         "--host", args.host, "--port", str(args.port),
     ]  # fmt: skip
-    for key, value in (("encoder_engine", args.encoder_engine), ("encoder_int8", args.encoder_int8)):
+    for key in ("encoder_engine", "encoder_int8", "encoder_bf16"):
+        value = getattr(args, key)
         if value:
             command += ["--conf", key, value]
     print("$ " + shlex.join(command), flush=True)

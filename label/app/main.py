@@ -7,10 +7,11 @@ Configuration (``--conf KEY VALUE`` on ``monailabel start_server``; `make label`
 - ``model_name``: the model's name in MONAI Label (default ``ptsam``);
 - ``sam_variant``, ``sam_checkpoint``: the frozen SAM, passed to the bundle's configs (default:
   the configs' own values). They must be the backbone ``models/model.pt`` was trained on.
-- ``encoder_engine`` (``torch`` | ``onnxruntime`` | ``openvino``), ``encoder_int8``: inference's
-  CPU fast paths for the image encoder (``docs/benchmarks.md``: a CT volume in about a quarter of
-  the stock encoder's time). Checked at start-up: an unknown engine, a package this environment
-  lacks, or a CUDA device stops the server with the reason. Training keeps PyTorch.
+- ``encoder_engine`` (``torch`` | ``onnxruntime`` | ``openvino``), ``encoder_int8``,
+  ``encoder_bf16``: inference's CPU fast paths for the image encoder (``docs/benchmarks.md``: a
+  CT volume in about a quarter of the stock encoder's time). Checked at start-up: an unknown
+  engine, a package this environment lacks, a CPU without bfloat16 units for ``encoder_bf16``,
+  or a CUDA device stops the server with the reason. Training keeps PyTorch.
 
 What this adds to MONAI Label's bundle tasks, and why:
 
@@ -118,7 +119,7 @@ logger = logging.getLogger(__name__)
 
 REPO_BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 BACKBONE_KEYS = ("sam_variant", "sam_checkpoint")
-ENGINE_KEYS = ("encoder_engine", "encoder_int8")  # inference only: training refuses them
+ENGINE_KEYS = ("encoder_engine", "encoder_int8", "encoder_bf16")  # inference only: training refuses them
 
 
 def bundle_overrides(conf: dict[str, str]) -> dict[str, Any]:
@@ -136,7 +137,12 @@ def engine_overrides(bundle: str, conf: dict[str, str]) -> dict[str, Any]:
         with _BundleImports(bundle):
             from scripts.model.runtime import require_engine
 
-            require_engine(chosen.get("encoder_engine", "torch"), chosen.get("encoder_int8", False), device)
+            require_engine(
+                chosen.get("encoder_engine", "torch"),
+                chosen.get("encoder_int8", False),
+                device,
+                chosen.get("encoder_bf16", False),
+            )
     return chosen
 
 

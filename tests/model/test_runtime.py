@@ -61,11 +61,17 @@ def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
 
-def _with(net: PTSAM, engine: str, int8: bool) -> PTSAM:
+def _with(net: PTSAM, engine: str, int8: bool, bf16: bool = False) -> PTSAM:
     fast = quiet(PTSAM, "tiny", n_md_prompts=4, n_ie_prompts=net.ie_prompts.n, backbone=net.backbone)
     fast.load_state_dict(net.state_dict())
-    fast.encoder_engine, fast.encoder_int8 = engine, int8
+    fast.encoder_engine, fast.encoder_int8, fast.encoder_bf16 = engine, int8, bf16
     return fast.eval()
+
+
+def _bf16_units() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 @pytest.mark.parametrize(
@@ -87,6 +93,42 @@ def test_fast_paths_agree_with_pytorch(specialist, engine, int8, max_error, min_
         assert error <= 1e-5 or engine == "openvino"  # float rounding only
     else:
         assert error >= 1e-4  # int8 really ran
+
+
+def test_bfloat16_agrees_with_pytorch_where_the_cpu_has_it(specialist):
+    """OpenVINO in bfloat16, held to int8's tolerance, and it really ran in bfloat16 (float32
+    agrees within 1e-5). Where the CPU has no bfloat16 units, the refusal below is what runs."""
+    images, masks = _scenes(1, 4)
+    fast = _with(specialist, "openvino", False, bf16=True)
+    if not _bf16_units():
+        with pytest.raises(ValueError, match="this CPU has no bfloat16 units"), torch.no_grad():
+            fast(images)
+        return
+    runtime.require_engine("openvino", False, "cpu", bf16=True)
+    with torch.no_grad():
+        reference, embeddings = specialist(images), specialist.encode(images)
+        predicted, fast_embeddings = fast(images), fast.encode(images)
+    assert fast._runtime.precision == "bfloat16"
+    error = float((fast_embeddings - embeddings).norm() / embeddings.norm())
+    assert 1e-4 <= error <= 0.05
+    assert _dice(predicted > 0, reference > 0) >= 0.98
+    assert _dice(predicted > 0, masks > 0) >= _dice(reference > 0, masks > 0) - 0.02
+
+
+def test_bfloat16_is_refused_on_a_cpu_without_its_units(monkeypatch):
+    """Asked for bfloat16 there, OpenVINO runs float32 without a word: refused at the start."""
+    import openvino as ov
+
+    real = ov.Core.get_property
+
+    def no_bf16(core, device, name, *args):  # what OpenVINO reports on an AVX2 CPU
+        found = real(core, device, name, *args)
+        return [c for c in found if c != "BF16"] if name == "OPTIMIZATION_CAPABILITIES" else found
+
+    monkeypatch.setattr(ov.Core, "get_property", no_bf16)
+    with pytest.raises(ValueError, match=r"this CPU has no bfloat16 units \(OpenVINO finds .*FP32"):
+        runtime.require_engine("openvino", False, "cpu", bf16=True)
+    runtime.require_engine("openvino", False, "cpu")  # float32 is fine there
 
 
 def test_image_encoder_prompts_are_baked_in_and_followed(specialist, encoder_files):
@@ -173,6 +215,14 @@ def test_fast_paths_refuse_what_they_cannot_do(specialist):
         runtime.require_engine("onnxruntime", "false", "cuda:0")
     with pytest.raises(ValueError, match="use encoder_engine 'onnxruntime' for int8"):
         runtime.require_engine("openvino", True, "cpu")
+    with pytest.raises(
+        ValueError, match="encoder_bf16 is offered with encoder_engine 'openvino' only, got 'onnxruntime'"
+    ):
+        runtime.require_engine("onnxruntime", False, "cpu", bf16="true")
+    with pytest.raises(ValueError, match="encoder_int8 and encoder_bf16 both true"):
+        quiet(PTSAM, "tiny", encoder_engine="openvino", encoder_int8=True, encoder_bf16=True)
+    with pytest.raises(ValueError, match="CPU paths, but device is cuda"):
+        runtime.require_engine("openvino", False, "cuda", bf16=True)
     with pytest.raises(ValueError, match="encoder_engine must be one of torch, onnxruntime, openvino"):
         quiet(PTSAM, "tiny", encoder_engine="tensorrt")
     runtime.require_engine("torch", False, "cuda:0")  # the default is fine anywhere

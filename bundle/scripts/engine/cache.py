@@ -88,7 +88,7 @@ class EncodeImaged(MapTransform):
         self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
         self.held_bytes = 0
         net = self.network
-        path = f"{net.fused_attention}:{net.encoder_engine}:{net.encoder_int8}"  # what computes the embeddings
+        path = f"{net.fused_attention}:{net.encoder_engine}:{net.encoder_precision}"  # what computes the embeddings
         self.version = f"{CACHE_FORMAT}:{encoder_version()}:{path}:{net.backbone.fingerprint}:{dtype}"
 
     def key_of(self, image: torch.Tensor) -> str:

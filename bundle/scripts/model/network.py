@@ -13,7 +13,7 @@ from . import prompt_file
 from .decoder import decode_masks
 from .encoder import encode_image
 from .prompts import ImageEncoderPrompts, MaskDecoderPrompts
-from .runtime import EncoderRuntime, check_engine
+from .runtime import EncoderRuntime, check_engine, precision_of
 from .sam import PROMPT_EMBED_DIM, SamBackbone
 
 
@@ -29,8 +29,8 @@ class PTSAM(nn.Module):
     ``activation_checkpointing`` trades time for memory when image-encoder prompts train; by
     default (None) it is on exactly then (ViT-B MD+IE at batch 4: 3 GB of GPU memory instead of 24).
     ``backbone``: a ``SamBackbone`` already built for ``sam_variant`` (a study's cells share one).
-    ``encoder_engine`` (``torch`` | ``onnxruntime`` | ``openvino``) and ``encoder_int8``: the
-    encoder's inference fast paths on a CPU (``runtime.py``); inference only.
+    ``encoder_engine`` (``torch`` | ``onnxruntime`` | ``openvino``), ``encoder_int8`` and
+    ``encoder_bf16``: the encoder's inference fast paths on a CPU (``runtime.py``); inference only.
     """
 
     def __init__(
@@ -46,6 +46,7 @@ class PTSAM(nn.Module):
         backbone: SamBackbone | None = None,
         encoder_engine: str = "torch",
         encoder_int8: bool = False,
+        encoder_bf16: bool = False,
     ):
         super().__init__()
         if num_classes < 1:
@@ -55,8 +56,9 @@ class PTSAM(nn.Module):
                 f"prompt counts must be >= 0, got n_md_prompts={n_md_prompts}, n_ie_prompts={n_ie_prompts}"
             )
         self.num_classes = num_classes
-        self.encoder_engine, self.encoder_int8 = encoder_engine, flag(encoder_int8)
-        check_engine(self.encoder_engine, self.encoder_int8)
+        self.encoder_engine = encoder_engine
+        self.encoder_int8, self.encoder_bf16 = flag(encoder_int8), flag(encoder_bf16)
+        check_engine(self.encoder_engine, self.encoder_precision)
         self._runtime: EncoderRuntime | None = None  # built at the first fast-path call
         self.query_chunk: int | None = None  # global attention in query chunks (set while exporting)
         self.fused_attention = flag(fused_attention)
@@ -77,7 +79,7 @@ class PTSAM(nn.Module):
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> image embeddings (B, 256, S/16, S/16)."""
         self._check_input(image)
-        if self.encoder_engine != "torch" or self.encoder_int8:
+        if self.encoder_engine != "torch" or self.encoder_precision != "float32":
             return self._fast_encoder()(image)
         return encode_image(
             self.backbone.image_encoder,
@@ -88,19 +90,25 @@ class PTSAM(nn.Module):
             self.query_chunk,
         )
 
+    @property
+    def encoder_precision(self) -> str:
+        """float32 | int8 | bfloat16: what ``encoder_int8`` and ``encoder_bf16`` ask of the encoder."""
+        return precision_of(self.encoder_int8, self.encoder_bf16)
+
     def _fast_encoder(self) -> EncoderRuntime:
         """The runtime for the current weights and image-encoder prompts (rebuilt if they change)."""
         if self.training or torch.is_grad_enabled():
             raise RuntimeError(
-                f"encoder_engine={self.encoder_engine!r} / encoder_int8={self.encoder_int8} are inference "
+                f"encoder_engine={self.encoder_engine!r} / encoder precision {self.encoder_precision} are inference "
                 "paths: call the network in eval mode under torch.no_grad(), or train with the defaults"
             )
         prompts = self.ie_prompts.tokens if self.ie_prompts.n else None
         key = self.backbone.fingerprint
         runtime = self._runtime
-        if runtime is None or not runtime.matches(self.encoder_engine, self.encoder_int8, prompts, key):
+        precision = self.encoder_precision
+        if runtime is None or not runtime.matches(self.encoder_engine, precision, prompts, key):
             runtime = EncoderRuntime(
-                self.encoder_engine, self.encoder_int8, self.backbone.image_encoder, prompts, key, self.img_size
+                self.encoder_engine, precision, self.backbone.image_encoder, prompts, key, self.img_size
             )
             self._runtime = runtime
         return runtime

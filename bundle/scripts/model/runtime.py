@@ -1,17 +1,19 @@
 """The frozen image encoder, with its image-encoder prompts baked in, run by an engine made for
-CPUs: the inference fast paths (``encoder_engine`` and ``encoder_int8`` of the network).
+CPUs: the inference fast paths (``encoder_engine``, ``encoder_int8`` and ``encoder_bf16`` of the
+network).
 
 - ``torch``: PyTorch as it is (the reference); with ``int8``, its linear layers dynamically
   quantised to int8 (``torch.ao``).
 - ``onnxruntime``: the encoder exported once to ONNX and run by ONNX Runtime; with ``int8``,
   its matrix products' weights quantised to int8 by ONNX Runtime's dynamic quantisation.
 - ``openvino``: the same ONNX file compiled by OpenVINO, in float32 (its default on CPUs with
-  bfloat16 units would change the results).
+  bfloat16 units would change the results); with ``bf16``, in bfloat16 on a CPU whose cores
+  compute in it (AVX512-BF16, AMX), refused elsewhere.
 
-float32 engines agree with PyTorch within float rounding; int8 changes the embeddings by a few
-per cent (measured in ``bundle/docs/benchmarks.md``). Exported files are kept under the PTSAM
-cache folder, keyed by the weights, the prompts, the encoder's code and the torch version, so
-a second run starts at once. The least recently used exports beyond ``PTSAM_ENCODER_CACHE_GB``
+float32 engines agree with PyTorch within float rounding; int8 changes the embeddings by a
+few per cent, bfloat16 by about one (measured in ``bundle/docs/benchmarks.md``). Exported files
+are kept under the PTSAM cache folder, keyed by the weights, the prompts, the encoder's code and
+the torch version, so a second run starts at once. The least recently used exports beyond ``PTSAM_ENCODER_CACHE_GB``
 (8 by default; ``inf``: never) are removed whenever an export is used.
 """
 
@@ -39,35 +41,66 @@ from .encoder import encode_image, encoder_version
 logger = logging.getLogger(__name__)
 
 ENGINES = ("torch", "onnxruntime", "openvino")
+PRECISIONS = ("float32", "int8", "bfloat16")
 _EXTRA = {"onnxruntime": "export", "openvino": "openvino"}
 
 
-def check_engine(engine: str, int8: bool) -> None:
+def precision_of(int8: Any, bf16: Any = False) -> str:
+    """The encoder's precision from the ``encoder_int8`` and ``encoder_bf16`` knobs."""
+    int8, bf16 = flag(int8), flag(bf16)
+    if int8 and bf16:
+        raise ValueError("encoder_int8 and encoder_bf16 both true: each is a precision of the encoder, set one")
+    return "int8" if int8 else "bfloat16" if bf16 else "float32"
+
+
+def check_engine(engine: str, precision: str) -> None:
     """Refuse a combination that does not exist, before anything is built."""
     if engine not in ENGINES:
         raise ValueError(f"encoder_engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "openvino" and int8:
+    if precision not in PRECISIONS:
+        raise ValueError(f"the encoder's precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if engine == "openvino" and precision == "int8":
         raise ValueError(
             "encoder_int8 is not offered with encoder_engine 'openvino' (it ran the int8 model slower than "
             "its own float32, bundle/docs/benchmarks.md); use encoder_engine 'onnxruntime' for int8"
         )
+    if precision == "bfloat16" and engine != "openvino":
+        raise ValueError(
+            f"encoder_bf16 is offered with encoder_engine 'openvino' only, got {engine!r} (PyTorch's bfloat16 "
+            "took 1.6 times OpenVINO's, and ONNX Runtime has none on CPUs: bundle/docs/benchmarks.md)"
+        )
 
 
-def require_engine(engine: str, int8: Any, device: Any) -> None:
+def require_engine(engine: str, int8: Any, device: Any, bf16: Any = False) -> None:
     """At a workflow's start: the engine exists here, and the network runs on the CPU."""
-    int8 = flag(int8)
-    check_engine(engine, int8)
-    if engine == "torch" and not int8:
+    precision = precision_of(int8, bf16)
+    check_engine(engine, precision)
+    if engine == "torch" and precision == "float32":
         return
     if torch.device(device).type != "cpu":
         raise ValueError(
-            f"encoder_engine {engine!r} / encoder_int8 {int8} are CPU paths, but device is {device}; "
-            "on a GPU use the defaults (encoder_engine torch, encoder_int8 false) and amp"
+            f"encoder_engine {engine!r} / encoder precision {precision} are CPU paths, but device is {device}; "
+            "on a GPU use the defaults (encoder_engine torch, float32) and amp"
         )
     if engine != "torch":
         for module in ("onnx", "onnxscript", engine):  # exporting, then running
             _require(module, engine)
         cache_budget()  # a bad PTSAM_ENCODER_CACHE_GB is refused now, not after the export
+    if precision == "bfloat16":
+        require_bf16_units()
+
+
+def require_bf16_units() -> None:
+    """OpenVINO runs bfloat16 only on cores that compute in it, and otherwise, asked for it, runs
+    float32 without a word: a user who chose bfloat16 for speed is told now instead."""
+    ov = _require("openvino", "openvino")
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in capabilities:
+        raise ValueError(
+            f"encoder_bf16: this CPU has no bfloat16 units (OpenVINO finds {', '.join(capabilities)}); "
+            "OpenVINO would run float32. Set encoder_bf16 false, or encoder_int8 true with encoder_engine "
+            "'onnxruntime' for a faster approximate path"
+        )
 
 
 def _require(module: str, engine: str) -> Any:
@@ -152,38 +185,38 @@ class EncoderRuntime:
     def __init__(
         self,
         engine: str,
-        int8: bool,
+        precision: str,
         encoder: nn.Module,
         prompts: torch.Tensor | None,
         weights_key: str,
         img_size: int,
     ):
-        check_engine(engine, int8)
-        self.engine, self.int8, self.img_size = engine, int8, img_size
-        self.key = self.key_of(engine, int8, prompts, weights_key, img_size)
+        check_engine(engine, precision)
+        self.engine, self.precision, self.img_size = engine, precision, img_size
+        self.key = self.key_of(engine, precision, prompts, weights_key, img_size)
         self.stem = self.key.partition("|")[0]  # what the exported file depends on: not the engine
         self.threads = torch.get_num_threads()
         prompts = None if prompts is None else prompts.detach().clone()
         if engine == "torch":  # PyTorch's fused attention kernel needs no chunks
             module = _Encoder(encoder, prompts).eval()
-            self._run = self._torch_int8(module) if int8 else module
+            self._run = self._torch_int8(module) if precision == "int8" else module
             return
         module = _Encoder(encoder, prompts, EXPORT_QUERY_CHUNK).eval()
         onnx_path = self._export(module, cache_folder())
         self._run = self._onnxruntime(onnx_path) if engine == "onnxruntime" else self._openvino(onnx_path)
 
     @staticmethod
-    def key_of(engine: str, int8: bool, prompts: torch.Tensor | None, weights_key: str, img_size: int) -> str:
+    def key_of(engine: str, precision: str, prompts: torch.Tensor | None, weights_key: str, img_size: int) -> str:
         code = f"{encoder_version()}|{EXPORT_QUERY_CHUNK}|{torch.__version__}"
         digest = hashlib.sha256(f"{code}|{weights_key}|{img_size}".encode())
         if prompts is not None and prompts.numel():
             tokens = prompts.detach().cpu().float().contiguous()
             digest.update(str(tuple(tokens.shape)).encode())
             digest.update(tokens.numpy())
-        return f"{digest.hexdigest()[:20]}|{engine}|{int8}"
+        return f"{digest.hexdigest()[:20]}|{engine}|{precision}"
 
-    def matches(self, engine: str, int8: bool, prompts: torch.Tensor | None, weights_key: str) -> bool:
-        return self.key == self.key_of(engine, int8, prompts, weights_key, self.img_size)
+    def matches(self, engine: str, precision: str, prompts: torch.Tensor | None, weights_key: str) -> bool:
+        return self.key == self.key_of(engine, precision, prompts, weights_key, self.img_size)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if image.device.type != "cpu":
@@ -213,7 +246,7 @@ class EncoderRuntime:
             example = torch.zeros(2, 3, self.img_size, self.img_size)
             atomic_folder(fp32, lambda tmp: write_onnx(module, example, tmp / "encoder.onnx", "embeddings"))
         used = [fp32]
-        if self.int8:
+        if self.precision == "int8":
             used.append(folder / f"encoder_{self.stem}_int8{INT8_TAG}")
             if not (used[-1] / "encoder.onnx").is_file():
                 atomic_folder(used[-1], lambda tmp: _quantise(fp32 / "encoder.onnx", tmp / "encoder.onnx"))
@@ -232,9 +265,15 @@ class EncoderRuntime:
 
     def _openvino(self, path: Path) -> Any:
         ov = _require("openvino", self.engine)
+        asked = "bf16" if self.precision == "bfloat16" else "f32"
+        if asked == "bf16":
+            require_bf16_units()
         compiled = ov.Core().compile_model(
-            str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": self.threads}
+            str(path), "CPU", {"INFERENCE_PRECISION_HINT": asked, "INFERENCE_NUM_THREADS": self.threads}
         )
+        ran = compiled.get_property("INFERENCE_PRECISION_HINT")
+        if ran != getattr(ov.Type, asked):  # a hint OpenVINO may quietly not follow
+            raise RuntimeError(f"OpenVINO compiled the encoder in {ran.get_type_name()}, asked for {self.precision}")
         return lambda x: compiled(x)[0]
 
 
