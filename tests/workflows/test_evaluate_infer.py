@@ -82,6 +82,56 @@ def test_evaluation_csv_matches_a_recomputation(synthetic, trained, tmp_path, mo
         assert abs(int(row["pred_voxels"]) - (pred > 0).sum()) <= 10
 
 
+def _evaluate(synthetic: Path, trained: Path, out: Path, *extra: str):
+    return monai_bundle(
+        "run", "evaluating", "--config_file", EVALUATE, "--sam_variant", "tiny",
+        "--dataset_dir", str(synthetic / "microscopy"), "--output_dir", str(out),
+        "--ckpt_dir", str(trained / "models"), "--n_overlays", "0", *extra,
+    )  # fmt: skip
+
+
+def _eval_run(out: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ptsam").experiment_id])
+    return run
+
+
+def test_approximate_encoders_score_as_float32_and_say_what_ran(synthetic, trained, tmp_path, monkeypatch):
+    """Evaluation with int8 (ONNX Runtime) and bfloat16 (OpenVINO) encoders, as the docs advise
+    before relying on them: each image's Dice within 0.02 of PyTorch's float32, and the MLflow
+    run records the engine and precision that computed its scores. (Evaluation once crashed on
+    any fast path: its embedding cache encodes between the evaluator's eval-mode iterations.)
+    On a CPU without bfloat16 units, bfloat16 stops before any work, saying so."""
+    monkeypatch.setenv("PTSAM_CACHE_DIR", str(tmp_path / "cache"))
+    runs = {
+        ("torch", "float32"): (),
+        ("onnxruntime", "int8"): ("--encoder_engine", "onnxruntime", "--encoder_int8", "true"),
+        ("openvino", "bfloat16"): ("--encoder_engine", "openvino", "--encoder_bf16", "true"),
+    }
+    import openvino as ov
+
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        refused = _evaluate(synthetic, trained, tmp_path / "bfloat16", *runs.pop(("openvino", "bfloat16")))
+        assert refused.returncode != 0 and "this CPU has no bfloat16 units" in refused.stderr
+        assert not (tmp_path / "bfloat16" / "metrics.csv").exists()
+    scores = {}
+    for (engine, precision), extra in runs.items():
+        done = _evaluate(synthetic, trained, tmp_path / precision, *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = csv.DictReader(open(tmp_path / precision / "metrics.csv"))
+        scores[precision] = {r["image"]: float(r["dice"]) for r in rows}
+        params = _eval_run(tmp_path / precision).data.params
+        assert (params["encoder_engine"], params["encoder_precision"]) == (engine, precision)
+    reference = scores.pop("float32")
+    assert len(reference) == 2 and scores
+    for precision, found in scores.items():
+        assert found.keys() == reference.keys()
+        assert all(abs(found[k] - reference[k]) <= 0.02 for k in reference), (precision, found, reference)
+    assert list((tmp_path / "cache").glob("encoders/*/encoder.onnx"))  # the export the engines ran
+
+
 def test_inference_keeps_shape_and_geometry_of_volumes_and_dicom(synthetic, trained, tmp_path):
     done = _infer(synthetic / "ct", trained, tmp_path)  # the recipe of model.pt: only geometry matters here
     assert done.returncode == 0, done.stderr[-3000:]

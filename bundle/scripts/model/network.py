@@ -97,10 +97,13 @@ class PTSAM(nn.Module):
 
     def _fast_encoder(self) -> EncoderRuntime:
         """The runtime for the current weights and image-encoder prompts (rebuilt if they change)."""
-        if self.training or torch.is_grad_enabled():
+        # Gradients are what an engine cannot carry (a training step would not reach the prompts).
+        # Train or eval mode computes the same encoder (no dropout, no batch statistics): evaluation's
+        # embedding cache encodes in the data loader, between the evaluator's eval-mode iterations.
+        if torch.is_grad_enabled():
             raise RuntimeError(
                 f"encoder_engine={self.encoder_engine!r} / encoder precision {self.encoder_precision} are inference "
-                "paths: call the network in eval mode under torch.no_grad(), or train with the defaults"
+                "paths: call the network under torch.no_grad(), or train with the defaults"
             )
         prompts = self.ie_prompts.tokens if self.ie_prompts.n else None
         key = self.backbone.fingerprint
