@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -16,7 +18,10 @@ import SimpleITK as sitk
 import tifffile
 from PIL import Image
 
-from scripts.data.datasets import DatasetError, check_case, check_dataset, held_out, load_datalist
+from scripts.common.options import problems
+from scripts.data.datasets import DatasetError, check_case, check_dataset, describe_split, held_out, load_datalist
+from scripts.data.io import list_images
+from scripts.data.io.formats import split_series
 from scripts.data.pairs import LabelGridError
 from scripts.data.transforms import LoadImageAnyd
 from scripts.demo.synthetic import ct_affine, ct_case, write_dicom_series
@@ -151,6 +156,134 @@ def test_split_does_not_depend_on_order():
     items = [{"image": f"/x/case{i}.png"} for i in range(20)]
     names = [sorted(i["image"] for i in held_out(order, 0.2)[1]) for order in (items, items[::-1])]
     assert names[0] == names[1] and len(names[0]) == 4
+
+
+def _old_held_out(names: list[str], fraction: float, salt: str) -> set[str]:
+    """The cut before groups: every image ranked alone by a hash of ``salt`` and its name."""
+    ranked = sorted(names, key=lambda n: hashlib.sha256((salt + n).encode()).hexdigest())
+    return set(ranked[: max(1, math.floor(len(names) * fraction + 0.5))])
+
+
+def test_an_image_alone_in_its_group_is_split_as_before_groups():
+    # no two images of one case: the split of every existing model.pt's record stays what it was
+    names = [f"case{i}.png" for i in range(30)] + [f"ct_{i:03d}.nii.gz" for i in range(7)]
+    items = [{"image": f"/nowhere/{n}"} for n in names]
+    for salt in ("", "test:", "x"):
+        for fraction in (0.05, 0.1, 0.2, 0.25, 0.5, 0.7):
+            kept, out = held_out(items, fraction, salt)
+            assert {Path(i["image"]).name for i in out} == _old_held_out(names, fraction, salt)
+            assert len(kept) + len(out) == len(items)
+
+
+def test_held_out_keeps_at_least_one_image():
+    # 2 images and a fraction >= 0.75 held out both (training on nothing); one is kept now
+    items = [{"image": "/x/a.png"}, {"image": "/x/b.png"}]
+    kept, out = held_out(items, 0.8)
+    assert (len(kept), len(out)) == (1, 1)
+
+
+# A folder with a case in two formats (a DICOM series and its NIfTI, a PNG and its TIFF), two DICOM
+# series of one patient, 2D slices of three patients as PNG files, and single images.
+_SLICES = {"pat01": 4, "pat02": 3, "pat03": 2}
+_PATTERN = r"^([a-z]+\d+)"  # pat01_slice000.png -> pat01; every other name here matches too
+
+
+def _grouped_folder(root: Path) -> None:
+    rng = np.random.default_rng(5)
+    for name, patient, seed in (("ct6", "P6", 1), ("mr7", "P78", 2), ("mr8", "P78", 3)):
+        volume, _ = ct_case(rng, shape=(24, 20, 3))
+        write_dicom_series(volume, ct_affine(rng), root / "imagesTr" / name, seed=seed, patient_id=patient)
+    volume, label = ct_case(rng, shape=(24, 20, 3))
+    for folder, array in (("imagesTr", volume.astype(np.float32)), ("labelsTr", label)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array, np.eye(4)), str(root / folder / "ct6.nii.gz"))
+    names = ["case1.png"] + [f"{p}_slice{k:03d}.png" for p, n in _SLICES.items() for k in range(n)]
+    names += [f"solo{i}.png" for i in range(1, 7)]
+    for name in names:
+        _png(root / "imagesTr" / name, _cells(rng))
+        _png(root / "labelsTr" / name, _mask())
+    tifffile.imwrite(root / "imagesTr" / "case1.tif", _cells(rng))
+    tifffile.imwrite(root / "labelsTr" / "case1.tif", _mask())
+
+
+def _patient(image: str) -> str:
+    """Which case or patient an image of ``_grouped_folder`` is: what must never be split."""
+    name = split_series(image)[0].name
+    if name in ("mr7", "mr8"):
+        return "P78"  # two series, one PatientID
+    return name.split("_")[0].split(".")[0]  # ct6 = ct6.nii.gz, case1.png = case1.tif, pat01_slice...
+
+
+def test_a_case_or_patient_is_never_split_across_sets(tmp_path):
+    _grouped_folder(tmp_path)
+    items = [{"image": p} for p in list_images(tmp_path / "imagesTr")[0]]
+    assert len(items) == 21
+    tied = {"ct6", "P78", "case1"}  # grouped with no knob: the same name, the same PatientID
+    salts = ["", "test:", *(f"s{i}" for i in range(12))]
+    old_splits = 0
+    for salt in salts:
+        for fraction in (0.1, 0.2, 0.35, 0.5, 0.8):
+            for split_group, must_stay in ((None, tied), (_PATTERN, tied | set(_SLICES))):
+                kept, out = held_out(items, fraction, salt, split_group)
+                assert kept and out and len(kept) + len(out) == 21
+                sides = [{_patient(i["image"]) for i in part} for part in (kept, out)]
+                assert not sides[0] & sides[1] & must_stay, (salt, fraction, split_group)
+            out_names = _old_held_out([Path(i["image"]).name for i in items], fraction, salt)
+            old = [
+                {_patient(i["image"]) for i in items if (Path(i["image"]).name in out_names) == side} for side in (0, 1)
+            ]
+            old_splits += bool(old[0] & old[1] & (tied | set(_SLICES)))
+    assert old_splits >= 60  # the cut before groups split a case or patient in 69 of these 70
+
+
+def test_load_datalist_keeps_a_patient_in_one_of_training_validation_and_test(tmp_path, caplog):
+    _grouped_folder(tmp_path)
+    for test_fraction in (0.2, 0.3, 0.5):
+        parts = [load_datalist(tmp_path, s, 0.25, test_fraction, _PATTERN) for s in ("training", "validation", "test")]
+        patients = [{_patient(i["image"]) for i in part} for part in parts]
+        assert sum(map(len, parts)) == 21 and all(parts)
+        assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    with caplog.at_level(logging.INFO, logger="scripts.data.datasets"):
+        said = describe_split(parts[0], parts[1], _PATTERN)
+    n = [len({_patient(i["image"]) for i in part}) for part in parts[:2]]
+    assert said.startswith(f"training on {len(parts[0])} image(s) of {n[0]} case(s) or patient(s); ")
+    assert f"{len(parts[1])} validation image(s) of {n[1]} case(s) or patient(s)" in said and said in caplog.text
+
+
+def test_an_image_split_group_names_no_group_for_is_refused(tmp_path):
+    for name in ("pat01_s0.png", "pat01_s1.png", "pat02_s0.png", "pat03_s0.png", "overview.png"):
+        _png(tmp_path / "imagesTr" / name, _cells())
+        _png(tmp_path / "labelsTr" / name, _mask())
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path, "training", split_group=r"^(pat\d+)_")
+    assert len(raised.value.problems) == 1
+    assert raised.value.problems[0].startswith(
+        f"{tmp_path / 'imagesTr' / 'overview.png'}: split_group '^(pat\\\\d+)_' names no group in its name "
+        "'overview.png'"
+    )
+    (tmp_path / "imagesTr" / "overview.png").unlink()
+    assert (
+        len(load_datalist(tmp_path, "training", split_group=r"^(pat\d+)_")) == 2
+    )  # pat01's two: a group of 2 is not held out for a target of 1
+    # all of one patient: nothing can be held out without splitting it, which is said
+    for name in ("pat02_s0.png", "pat03_s0.png"):
+        (tmp_path / "imagesTr" / name).unlink()
+    with pytest.raises(
+        DatasetError, match=r"test_fraction=0.2: the 2 images to split form one group .*split_group 'pat01' for 2"
+    ):
+        load_datalist(tmp_path, "training", split_group=r"^(pat\d+)_")
+    assert len(load_datalist(tmp_path, "training", 0.0, 0.0, r"^(pat\d+)_")) == 2
+
+
+def test_a_split_group_that_is_no_regular_expression_is_refused(tmp_path):
+    found = problems({"split_group": "(pat"})
+    assert len(found) == 1 and found[0].startswith("--split_group '(pat': expected a regular expression; this one")
+    assert problems({"split_group": 3}) == [
+        "--split_group 3: expected a regular expression (a non-empty string) or null"
+    ]
+    assert problems({"split_group": r"^(pat\d+)_"}) == problems({"split_group": None}) == []
+    with pytest.raises(ValueError, match=r"split_group '\(pat': not a regular expression"):
+        load_datalist(tmp_path, "training", split_group="(pat")
 
 
 def test_inference_section_falls_back_to_loose_files_and_single_file(tmp_path):

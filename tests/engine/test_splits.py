@@ -116,3 +116,24 @@ def test_continued_prompts_keep_the_images_of_the_earlier_record(tmp_path, folde
     assert unknown["notes"] and "records no split" in unknown["notes"][0]
     path = save_prompts(quiet(PTSAM, "tiny"), tmp_path / "partial.pt", split=unknown)
     assert check_evaluation(path, folder["test"], "test", 0.2, 0.2)["status"] == "partial"
+
+
+def test_the_record_keeps_split_group_and_the_refusal_names_it(tmp_path, folder):
+    """Evaluation rebuilds the split from its own split_group, as from its fractions: another one
+    (or none) moves images into `test`, and the refusal says which setting differs."""
+    grouped = record(tmp_path / "data", folder["training"], folder["validation"], 0.2, 0.1, split_group=r"^(case\d)")
+    path = _model(tmp_path, grouped)
+    assert read_split(path)["split_group"] == r"^(case\d)"
+    assert record(tmp_path / "data", folder["training"], [], 0.2, 0.1)["split_group"] is None
+    with pytest.raises(HeldOutError) as err:
+        check_evaluation(path, folder["training"][:1], "test", 0.2, 0.1)
+    assert (
+        r"trained with test_fraction=0.1, val_fraction=0.2, split_group='^(case\\d)'; this run asks for "
+        "test_fraction=0.1, val_fraction=0.2, split_group=None, which carves another test split" in str(err.value)
+    )
+    assert check_evaluation(path, folder["test"], "test", 0.2, 0.1, r"^(case\d)")["status"] == "checked"
+    # a record from before groups: its split may differ from today's for that alone, which is said
+    before_groups = {k: v for k, v in grouped.items() if k != "split_group"}
+    older = save_prompts(quiet(PTSAM, "tiny"), tmp_path / "older.pt", split=before_groups)
+    with pytest.raises(HeldOutError, match="trained by an earlier bundle, whose split did not keep a case's"):
+        check_evaluation(older, folder["training"][:1], "test", 0.2, 0.1)

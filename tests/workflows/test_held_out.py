@@ -13,7 +13,9 @@ import torch
 from monai.bundle import ConfigParser
 
 from helpers import BUNDLE, monai_bundle, quiet
+from scripts.common.errors import chain
 from scripts.data.datasets import held_out, load_datalist
+from scripts.engine.splits import HeldOutError
 from scripts.model.network import PTSAM
 from scripts.model.prompt_file import SPLIT_KEY, load_prompts, read_split
 
@@ -61,6 +63,7 @@ def test_model_pt_records_which_images_trained_and_chose_the_prompts(model):
     assert (split["test_fraction"], split["val_fraction"], len(split["training"]), len(split["validation"])) == (
         0.2, 0.2, 5, 1,
     )  # fmt: skip
+    assert split["split_group"] is None  # train.yaml's default, recorded
 
 
 def test_another_test_fraction_is_refused_naming_the_images(model, tmp_path):
@@ -148,3 +151,27 @@ def test_a_model_pt_without_a_record_is_evaluated_with_a_note(model, tmp_path, c
     caplog.clear()
     assert _tags(old.parent, data, caplog) == {"eval_split": "test", "split_check": "unchecked"}
     assert f"{old} records no split" in caplog.text and "cannot be checked" in caplog.text
+
+
+def test_evaluation_splits_and_checks_with_its_own_split_group(model, tmp_path):
+    # the knob as typed on the command line reaches evaluation's split ...
+    data, models = model
+    done = _evaluate(data, models, tmp_path / "one", "--split_group", "^(cells)_")  # all seven one patient
+    assert done.returncode != 0 and not (tmp_path / "one").exists()
+    assert "test_fraction=0.2: the 7 images to split form one group" in done.stderr
+    assert "split_group 'cells' for 7" in done.stderr
+    # ... and its check against the record, which says that the knob differs from training's
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.yaml"), str(BUNDLE / "configs" / "evaluate.yaml")])
+    parser.update(
+        {"bundle_root": str(BUNDLE), "sam_variant": "tiny", "ckpt_dir": str(models), "dataset_dir": str(data)}
+        | {"test_fraction": 0.5, "split_group": r"^(cells_\d+)"}
+    )
+    with pytest.raises(RuntimeError) as raised:  # MONAI's "Failed to evaluate", from ours
+        parser.get_parsed_content("split_check")
+    refusal = str(next(e for e in chain(raised.value) if isinstance(e, HeldOutError)))
+    assert "evaluation refused: 3 of the 4 test image(s)" in refusal
+    assert (
+        "trained with test_fraction=0.2, val_fraction=0.2, split_group=None; this run asks for "
+        r"test_fraction=0.5, val_fraction=0.2, split_group='^(cells_\\d+)'"
+    ) in refusal

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -111,6 +112,19 @@ def _value_map() -> Callable[[Any], str | None]:
     return rule
 
 
+def _regex() -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        if not isinstance(value, str) or not value:
+            return "a regular expression (a non-empty string) or null"
+        try:
+            re.compile(value)
+        except re.error as err:
+            return f"a regular expression; this one does not compile ({err})"
+        return None
+
+    return rule
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "epochs": _integer(1),
     "batch_size": _integer(1),
@@ -129,6 +143,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "fg_fraction": _number(0, 1),
     "test_fraction": _number(0, 1, open_high=True),
     "val_fraction": _number(0, 1, open_high=True),
+    "split_group": _regex(),
     "max_voxels": _integer(1),
     "sw_overlap": _number(0, 1, open_high=True),
     "cache_ram_mb": _number(0),

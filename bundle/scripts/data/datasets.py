@@ -17,9 +17,14 @@ Three labelled splits, none of which sees another's images:
 - ``training``: the rest.
 
 Splits rank cases by a hash of their file name (salted per split), so they are the same on
-every machine and in every order. ``inference`` lists the images to predict: the ``test``
-list (labels or not), else ``imagesTs/``, else every image in the folder (less earlier predictions
-beside their images, ``<name>_seg.*``), or one file.
+every machine and in every order. Images of one case or patient are one group, held out or kept
+whole (``case_groups``): a case in two formats (a DICOM series folder ``ct_006/`` and its NIfTI
+``ct_006.nii.gz``), a patient's DICOM series (one PatientID), and with ``split_group`` the images
+whose names that regular expression gives the same group (a patient's 2D slices).
+
+``inference`` lists the images to predict: the ``test`` list (labels or not), else ``imagesTs/``,
+else every image in the folder (less earlier predictions beside their images, ``<name>_seg.*``),
+or one file.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from .io import ImageReadError, UnsupportedFileError, list_images, probe_image, read_image
-from .io.formats import SERIES_SEP, output_stem, split_series, stem_of
+from .io.formats import SERIES_SEP, case_name, output_stem, split_series, stem_of
+from .io.readers import patient_of
 from .io.writers import predicted_stem
 from .labels import class_of_values, describe_bad_labels
 from .pairs import LabelGridError, label_on_image_grid
@@ -91,15 +98,134 @@ def _labels_ts(root: Path, listed: Sequence[Any]) -> list[dict]:
     return pairs
 
 
-def held_out(items: Sequence[Mapping], fraction: float, salt: str = "") -> tuple[list[dict], list[dict]]:
-    """(kept, held out): a deterministic ``fraction`` (at least one case when there are two or
-    more and ``fraction > 0``), chosen by a hash of each image's name and ``salt``."""
+def _name(item: Mapping) -> str:
+    """The name an image is ranked and grouped by: its file's (a DICOM series: ``folder`` or ``folder::uid``)."""
+    return Path(str(item["image"])).name
+
+
+def split_pattern(split_group: str | None) -> re.Pattern | None:
+    """``split_group`` compiled; a ValueError naming the knob where it is no regular expression."""
+    if split_group is None:
+        return None
+    try:
+        return re.compile(split_group)
+    except (re.error, TypeError) as err:
+        raise ValueError(f"split_group {split_group!r}: not a regular expression ({err})") from err
+
+
+def _group_of(pattern: re.Pattern, name: str) -> str | None:
+    """The group ``pattern`` names in ``name``: its first capture group, else the whole match; None
+    where it does not match or names nothing (an empty or unmatched group)."""
+    found = pattern.search(name)
+    if found is None:
+        return None
+    return (found.group(1) if pattern.groups else found.group(0)) or None
+
+
+def _keys(items: Sequence[Mapping], split_group: str | None, strict: bool) -> list[list[str]]:
+    """Per image, what ties it to others: its case name (less the format's suffix), its DICOM
+    PatientID, its ``split_group``. With ``strict``, an image the pattern names no group for is
+    refused: left a group of its own, it could land apart from the rest of its patient."""
+    pattern = split_pattern(split_group)
+    keys, unmatched = [], []
+    for item in items:
+        found = [f"case name {case_name(item['image'])!r}"]
+        patient = patient_of(item["image"])
+        if patient:
+            found.append(f"PatientID {patient!r}")
+        if pattern is not None:
+            group = _group_of(pattern, _name(item))
+            if group is not None:
+                found.append(f"split_group {group!r}")
+            elif strict:
+                unmatched.append(
+                    f"{item['image']}: split_group {pattern.pattern!r} names no group in its name {_name(item)!r}; "
+                    "every image split by test_fraction or val_fraction needs one (alone, it could land "
+                    "in another split than its patient's other images): widen the pattern, or rename the file"
+                )
+        keys.append(found)
+    if unmatched:
+        raise DatasetError(unmatched)
+    return keys
+
+
+def case_groups(items: Sequence[Mapping], split_group: str | None = None, strict: bool = True) -> list[list[int]]:
+    """Indices of ``items`` in groups that must lie in one split, in the order of their first image.
+    Images are one group when they share, directly or through others, a case name (the file name
+    less its image suffix, ``.nii.gz`` one suffix; a DICOM series: its folder's name), a PatientID
+    (DICOM, read from one file's header) or the group ``split_group`` names in their file names
+    (its first capture group, else the whole match). With ``strict``, a ``DatasetError`` names
+    every image ``split_group`` does not match."""
+    parent = list(range(len(items)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, keys in enumerate(_keys(items, split_group, strict)):
+        for key in keys:
+            parent[root(i)] = root(first.setdefault(key, i))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(items)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def _one_group(items: Sequence[Mapping], split_group: str | None, fraction: float, knob: str) -> str:
+    """Why ``fraction`` of ``items``, all one group, cannot be held out: what ties the most of them."""
+    tied: dict[str, int] = {}
+    for keys in _keys(items, split_group, strict=False):
+        for key in keys:
+            tied[key] = tied.get(key, 0) + 1
+    shared = sorted((k for k, n in tied.items() if n > 1), key=lambda k: -tied[k])[:3]
+    return (
+        f"{knob}={fraction:g}: the {len(items)} images to split form one group (a case or patient: "
+        + ", ".join(f"{k} for {tied[k]}" for k in shared)
+        + "), so none can be held out without leaking that patient into both splits; set "
+        f"{knob} 0, list the held-out cases in dataset.json, or add images of other patients"
+    )
+
+
+def held_out(
+    items: Sequence[Mapping], fraction: float, salt: str = "", split_group: str | None = None, knob: str = "fraction"
+) -> tuple[list[dict], list[dict]]:
+    """(kept, held out): a deterministic ``fraction`` of the images, by whole groups (``case_groups``).
+
+    Each group ranks by a hash of ``salt`` and its smallest image file name (an image alone in its
+    group: its own name, as before groups existed). The target is ``fraction`` of the images rounded
+    half up, at least one when there are two or more images, at most all but one. Groups are taken in
+    rank order while the held-out images are under the target: a group is taken when more than half
+    of it fits (so the count ends nearest the target; a tie stays under it), and never when it would
+    leave no image kept; where no group fits so, the first-ranked one that leaves an image kept is
+    held out (at least one held-out image, as without groups). Where none can be (all the images
+    one group), a ``DatasetError`` says so, naming ``knob``. With groups of one image alone this is
+    the cut before groups existed: the first ``target`` names in rank order."""
     if not items or fraction <= 0:
         return [dict(it) for it in items], []
-    ranked = sorted(items, key=lambda it: hashlib.sha256((salt + Path(str(it["image"])).name).encode()).hexdigest())
-    n_out = max(1, math.floor(len(items) * fraction + 0.5)) if len(items) > 1 else 0
-    out = {id(it) for it in ranked[:n_out]}
-    return [dict(it) for it in items if id(it) not in out], [dict(it) for it in items if id(it) in out]
+    n = len(items)
+    if n == 1:
+        return [dict(items[0])], []
+    groups = case_groups(items, split_group)
+    ranked = sorted(groups, key=lambda g: hashlib.sha256((salt + min(_name(items[i]) for i in g)).encode()).hexdigest())
+    target = min(n - 1, max(1, math.floor(n * fraction + 0.5)))
+    out: set[int] = set()
+    for group in ranked:
+        if len(out) >= target:
+            break
+        if len(out) + len(group) / 2 < target and len(out) + len(group) < n:
+            out.update(group)
+    if not out:  # every group larger than twice the target: the first that leaves an image kept
+        out.update(next((g for g in ranked if len(g) < n), []))
+    if not out:
+        raise DatasetError([_one_group(items, split_group, fraction, knob)])
+    if len(out) != target:
+        logger.info(
+            "%s=%g: %d of %d images held out, whole cases or patients (%d asked)", knob, fraction, len(out), n, target
+        )
+    return [dict(it) for i, it in enumerate(items) if i not in out], [dict(items[i]) for i in sorted(out)]
 
 
 SECTIONS = ("training", "validation", "test", "inference")
@@ -190,13 +316,20 @@ def _refuse_unlabelled_held_out(test: Sequence[Mapping]) -> None:
 
 
 def load_datalist(
-    dataset_dir: str | Path, section: str = "training", val_fraction: float = 0.2, test_fraction: float = 0.2
+    dataset_dir: str | Path,
+    section: str = "training",
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    split_group: str | None = None,
 ) -> list[dict]:
     """The cases of ``section`` ('training', 'validation', 'test' or 'inference') as absolute paths;
-    see the module's docstring for how the splits are made."""
+    see the module's docstring for how the splits are made. ``split_group``: a regular expression
+    whose first capture group (else whole match) in an image's file name names its patient, whose
+    images then stay in one split (``held_out``); every image split by a fraction must match it."""
     root = Path(dataset_dir)
     if section not in SECTIONS:
         raise ValueError(f"section must be one of {', '.join(SECTIONS)}, got {section!r}")
+    split_pattern(split_group)  # a bad pattern is named before any folder is read
     if section == "inference" and root.exists() and not root.is_dir():
         return [{"image": str(root.resolve())}]
     if not root.is_dir():
@@ -216,11 +349,11 @@ def load_datalist(
         training, validation = _pairs(root / "imagesTr", root / "labelsTr"), []
         test = _pairs(root / "imagesTs", root / "labelsTs") if (root / "labelsTs").is_dir() else []
     if not test:
-        training, test = held_out(training, test_fraction, salt="test:")
+        training, test = held_out(training, test_fraction, "test:", split_group, knob="test_fraction")
         if section != "test":  # evaluation's dataset check names these with every other problem
             _refuse_unlabelled_held_out(test)
     if not validation:
-        training, validation = held_out(training, val_fraction)
+        training, validation = held_out(training, val_fraction, "", split_group, knob="val_fraction")
     _refuse_shared_images(root, {"training": training, "validation": validation, "test": test})
     if section == "test" and not test:
         raise DatasetError(
@@ -252,14 +385,20 @@ def _no_label(image_path: Any, label_path: Any) -> str:
     return said + (f"; labels pair with images by file name: is it {' or '.join(meant[:3])}?" if meant else "")
 
 
-def describe_split(training: Sequence[Mapping], validation: Sequence[Mapping]) -> str:
+def describe_split(training: Sequence[Mapping], validation: Sequence[Mapping], split_group: str | None = None) -> str:
     """Log (and return) what a training learns from and what chooses its best epoch: a folder of
-    one's own is split by rule (``val_fraction``, ``test_fraction``), so the counts are news."""
-    said = f"training on {len(training)} image(s); " + (
-        f"{len(validation)} validation image(s) choose the best epoch"
+    one's own is split by rule (``val_fraction``, ``test_fraction``), so the counts are news; where
+    images of one case or patient are grouped (``case_groups``), how many groups each split has."""
+    groups = [case_groups(part, split_group, strict=False) for part in (training, validation)]
+    grouped = any(len(g) > 1 for part in groups for g in part)
+    of = [f" of {len(part)} case(s) or patient(s)" if grouped else "" for part in groups]
+    said = f"training on {len(training)} image(s){of[0]}; " + (
+        f"{len(validation)} validation image(s){of[1]} choose the best epoch"
         if validation
         else "no validation image: the final prompts will be saved"
     )
+    if grouped:
+        said += " (the images of one case or patient are kept in one split)"
     logger.info(said)
     return said
 

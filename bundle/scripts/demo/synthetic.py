@@ -181,7 +181,9 @@ def endoscopy_case(rng: np.random.Generator, shape=(240, 288)) -> tuple[np.ndarr
     return np.clip(rgb, 0, 255).astype(np.uint8), (polyp * 255).astype(np.uint8)
 
 
-def write_dicom_series(volume: np.ndarray, affine: np.ndarray, folder: Path, seed: int) -> None:
+def write_dicom_series(
+    volume: np.ndarray, affine: np.ndarray, folder: Path, seed: int, patient_id: str = "SYNTHETIC"
+) -> None:
     """Write an (x, y, z) HU volume as a CT DICOM series in the geometry of its RAS ``affine``."""
     import SimpleITK as sitk
 
@@ -201,7 +203,7 @@ def write_dicom_series(volume: np.ndarray, affine: np.ndarray, folder: Path, see
         for tag, value in (
             ("0008|0060", "CT"),
             ("0010|0010", "SYNTHETIC^CT"),
-            ("0010|0020", "SYNTHETIC"),
+            ("0010|0020", patient_id),
             ("0020|0052", series_uid + ".2"),  # FrameOfReferenceUID
             ("0020|000d", series_uid + ".1"),
             ("0020|000e", series_uid),

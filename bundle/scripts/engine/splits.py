@@ -3,9 +3,10 @@
 Training records it in ``model.pt`` (``ptsam_split``) beside the prompts: the training and
 validation images, each by its path (relative to ``dataset_dir`` where it lies there) and by
 what identifies its content (a digest of the file's bytes; a DICOM series' SeriesInstanceUID),
-with ``val_fraction`` and ``test_fraction``. Evaluation rebuilds its split from its own settings
-and the folder as it is now: another ``test_fraction``, or images added since training, move
-training and validation images into ``test``. So before any work it compares the images it is
+with ``val_fraction``, ``test_fraction`` and ``split_group`` (which images are one patient's).
+Evaluation rebuilds its split from its own settings and the folder as it is now: another
+``test_fraction`` or ``split_group``, or images added since training, move training and
+validation images into ``test``. So before any work it compares the images it is
 about to score with the record, by content (a renamed or moved copy counts too):
 
 - ``test``: refused when any of them trained or chose the prompts, each named;
@@ -101,15 +102,18 @@ def record(
     test_fraction: float,
     started_from: str | Path | None = None,
     note: str | None = None,
+    split_group: str | None = None,
 ) -> dict[str, Any]:
     """The split a training records in ``model.pt``. ``started_from``: a ``model.pt`` whose prompts
-    this training continues (MONAI Label): its images count as this training's too."""
+    this training continues (MONAI Label): its images count as this training's too. A record with
+    ``split_group`` (null included) was made by a bundle whose splits keep a patient's images together."""
     root = Path(dataset_dir).resolve()
     split: dict[str, Any] = {
         "version": VERSION,
         "dataset_dir": str(root),
         "val_fraction": float(val_fraction),
         "test_fraction": float(test_fraction),
+        "split_group": split_group,
         "training": _entries(training, root),
         "validation": _entries(validation, root),
         "notes": [note] if note else [],
@@ -135,26 +139,43 @@ def _seen(split: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     return seen
 
 
+def _settings(values: tuple) -> str:
+    said = f"test_fraction={values[0]}, val_fraction={values[1]}"
+    return said + (f", split_group={values[2]!r}" if len(values) > 2 else "")
+
+
 def _refusal(
-    path: Path, split: Mapping[str, Any], hits: list, n: int, val_fraction: float, test_fraction: float
+    path: Path,
+    split: Mapping[str, Any],
+    hits: list,
+    n: int,
+    val_fraction: float,
+    test_fraction: float,
+    split_group: str | None,
 ) -> str:
     lines = [f"{image}: {_ROLE_TEXT[role]}, recorded as {name}" for image, role, name in hits]
-    was = (split.get("test_fraction"), split.get("val_fraction"))
-    now = (float(test_fraction), float(val_fraction))
+    was = (split.get("test_fraction"), split.get("val_fraction"), split.get("split_group"))
+    now = (float(test_fraction), float(val_fraction), split_group)
     if was != now:
+        shown = slice(None) if was[2] != now[2] else slice(2)  # split_group said where it differs
         why = (
-            f"{path} was trained with test_fraction={was[0]}, val_fraction={was[1]}; this run asks for "
-            f"test_fraction={now[0]}, val_fraction={now[1]}, which carves another test split out of the folder"
+            f"{path} was trained with {_settings(was[shown])}; this run asks for {_settings(now[shown])}, "
+            "which carves another test split out of the folder"
         )
     else:
         why = "the folder's images changed since training (added, removed or renamed), which moves the split"
+        if "split_group" not in split:
+            why += (
+                f"; or {path} was trained by an earlier bundle, whose split did not keep a case's or patient's "
+                "images together (a DICOM series and its NIfTI copy, a patient's series)"
+            )
     return (
         f"evaluation refused: {len(hits)} of the {n} test image(s) to score trained or chose the prompts "
         f"in {path}, so their scores would not be held-out scores:\n  "
         + "\n  ".join(lines)
         + f"\nThe test split is rebuilt from this run's settings and the folder as it is now: {why}. "
-        "Evaluate with the training's fractions on the folder as it was, keep a labelled test set apart "
-        "(imagesTs/ + labelsTs/, or labelled `test` entries in dataset.json), or score "
+        "Evaluate with the training's fractions and split_group on the folder as it was, keep a labelled test "
+        "set apart (imagesTs/ + labelsTs/, or labelled `test` entries in dataset.json), or score "
         "`--eval_section validation` (the images that chose the prompts: an optimistic score)."
     )
 
@@ -165,6 +186,7 @@ def check_evaluation(
     section: str,
     val_fraction: float,
     test_fraction: float,
+    split_group: str | None = None,
 ) -> dict[str, str]:
     """Compare the images an evaluation scores with the split recorded in ``model_path``; raise
     ``HeldOutError`` when ``section`` is 'test' and any of them trained or chose the prompts.
@@ -188,7 +210,7 @@ def check_evaluation(
         if digest in seen:
             hits.append((str(item["image"]), *seen[digest]))
     if section == "test" and hits:
-        raise HeldOutError(_refusal(path, split, hits, n, val_fraction, test_fraction))
+        raise HeldOutError(_refusal(path, split, hits, n, val_fraction, test_fraction, split_group))
     counts = Counter(role for _, role, _ in hits)
     detail = (
         f"of the {n} {section} image(s) scored, {counts['training']} trained the prompts in {path}, "

@@ -63,6 +63,16 @@ def stem_of(path: str | Path) -> str:
     return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
 
 
+def case_name(path: str | Path) -> str:
+    """The name of the case ``path`` holds, whatever its format: a file's name less its image suffix
+    (``ct_006.nii.gz``, ``ct_006.png`` -> ``ct_006``), a DICOM series' folder name (``ct_006/``,
+    ``ct_006::<uid>`` -> ``ct_006``). Only an image suffix goes: a DICOM file named by its UID
+    (``1.2.840.5``) keeps its whole name."""
+    name = split_series(path)[0].name
+    suffix = suffix_of(name)
+    return name[: -len(suffix)] if suffix in _SUFFIXES else name
+
+
 def output_stem(path: str | Path) -> str:
     """The name that files made from an input start with: the file's stem, or for a DICOM series
     ``folder::uid`` the folder's name and the UID's end (one folder may hold several series)."""

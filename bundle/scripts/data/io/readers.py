@@ -245,6 +245,33 @@ def dicom_series_in(folder: Path) -> list[str]:
     return _dicom_in(folder)[0]
 
 
+def patient_of(path: str | Path) -> str | None:
+    """The PatientID of the DICOM image ``path`` names (a file, a folder of one series, or
+    ``folder::uid``), from the header of one of its files; None where it has none, is no DICOM or
+    does not read (the dataset check names such files)."""
+    import pydicom
+
+    folder, uid = split_series(path)
+    try:
+        files = (
+            (f for f in sorted(folder.iterdir()) if not f.name.startswith(".") and looks_like_dicom(f))
+            if folder.is_dir()
+            else iter([folder] if looks_like_dicom(folder) else [])
+        )
+        for file in files:
+            try:
+                ds = pydicom.dcmread(
+                    file, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID", "PatientID"]
+                )
+            except Exception:  # not this series' file, as far as can be told: the next one may be
+                continue
+            if uid is None or str(ds.get("SeriesInstanceUID", "")) == uid:
+                return str(ds.get("PatientID", "") or "").strip() or None
+    except OSError:
+        return None
+    return None
+
+
 def _names(files: Sequence[Path], limit: int = 4) -> str:
     return ", ".join(f.name for f in files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
