@@ -175,11 +175,13 @@ def _bundle_metadata(config_file: str) -> dict[str, Any] | None:
 
 
 def _refuse_before_export(filepath: str, config_file: str, overrides: dict[str, Any]) -> None:
-    """A knob the config does not define (a typo would be ignored, exporting other prompts), and an
-    export onto the trained prompts (``--filepath models/model.pt``: ``.pt`` means TorchScript here)."""
+    """A knob the config does not define (a typo would be ignored, exporting other prompts), an
+    export onto the trained prompts (``--filepath models/model.pt``: ``.pt`` means TorchScript
+    here), and no trained prompts yet (said as inference says it)."""
     from monai.bundle import ConfigParser
 
     from .common.options import OptionError, unknown_overrides
+    from .engine.handlers import require_prompts
 
     unknown = unknown_overrides(overrides, sorted(ConfigParser.load_config_files(config_file)))
     if unknown:
@@ -190,6 +192,7 @@ def _refuse_before_export(filepath: str, config_file: str, overrides: dict[str, 
             f"--filepath {filepath} is the trained prompts' file (model_path): the export would replace "
             "it; name another file, e.g. models/model.ts"
         )
+    require_prompts(model_path)
 
 
 def main(filepath: str = "models/model.onnx", config_file: str = "configs/inference.yaml", **overrides: Any) -> str:
@@ -216,6 +219,11 @@ def main(filepath: str = "models/model.onnx", config_file: str = "configs/infere
 
 
 if __name__ == "__main__":
+    import sys
+
     import fire
 
+    from .common.errors import report
+
+    sys.excepthook = report  # the bundle's checks end in their message, as in `python -m monai.bundle`
     fire.Fire(main)

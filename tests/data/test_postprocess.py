@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from scripts.data.io import read_image
-from scripts.data.postprocess import InstanceLabelsd, LogitsToLabeld, WriteLabeld, instance_labels, logits_to_label
+from scripts.data.postprocess import (
+    InstanceLabelsd,
+    LogitsToLabeld,
+    WriteLabeld,
+    instance_labels,
+    logits_to_label,
+    voxel_spacing,
+)
 from scripts.data.transforms import InvertSamInputd, LoadImageAnyd, SamChannelsd, SamInputd, SamIntensityd
 
 
@@ -41,6 +50,44 @@ def test_instance_labels_in_3d():
     volume[1:4, 2:6, 2:6] = 1
     volume[6:9, 10:15, 10:15] = 1
     assert instance_labels(volume).max() == 2
+
+
+CT_SPACING = (0.7, 0.7, 5.0)  # mm: fine in-plane, coarse between slices
+
+
+def _spheres_in_mm(centres_z: tuple[float, ...], radius: float = 12.0) -> np.ndarray:
+    """Balls of ``radius`` mm on a (x, y, z) grid of ``CT_SPACING``, centred in-plane, at ``centres_z`` mm."""
+    x, y, z = (np.arange(n) * s for n, s in zip((50, 50, 12), CT_SPACING, strict=True))
+    x, y, z = np.meshgrid(x - x.mean(), y - y.mean(), z, indexing="ij")
+    return np.any([x**2 + y**2 + (z - c) ** 2 <= radius**2 for c in centres_z], axis=0).astype(np.int64)
+
+
+def test_touching_objects_are_split_in_physical_space():
+    # Two 12 mm balls 20 mm apart along the slices, joined by a 6.6 mm neck: two objects in the
+    # body. In voxels they are pancakes 2-3 slices thick stacked into one, deepest at the neck.
+    label = _spheres_in_mm((15.0, 35.0))
+    assert instance_labels(label).max() == 1  # one connected component
+    assert instance_labels(label, split_touching=True).max() == 1  # voxels: not split
+    split = instance_labels(label, split_touching=True, spacing=CT_SPACING)
+    assert split.max() == 2 and ((split > 0) == (label > 0)).all()
+    assert split[25, 25, 3] != split[25, 25, 7]  # the balls' centres: one object each
+    for alone in (15.0, 35.0):  # each ball alone stays whole
+        assert instance_labels(_spheres_in_mm((alone,)), split_touching=True, spacing=CT_SPACING).max() == 1
+    # the transform reads the spacing from the image's affine
+    affine = torch.diag(torch.tensor([*CT_SPACING, 1.0], dtype=torch.float64))
+    image = MetaTensor(torch.zeros(1, *label.shape), affine=affine)
+    d = {"image": image, "pred": torch.from_numpy(label[None].astype(np.float32))}
+    assert voxel_spacing(image.meta, 3) == pytest.approx(CT_SPACING)
+    instances = InstanceLabelsd("pred", split_touching=True)
+    assert instances(d)["pred"].max() == 2
+    assert instances({**d, "image": MetaTensor(image.as_tensor())})["pred"].max() == 1  # no geometry: voxels
+
+
+def test_equal_spacing_splits_as_voxels_do():
+    label = _touching_disks()
+    voxels = instance_labels(label, split_touching=True)
+    assert np.array_equal(instance_labels(label, split_touching=True, spacing=(0.5, 0.5)), voxels)
+    assert np.array_equal(instance_labels(label, split_touching=True, spacing=(1.0, 1.0)), voxels)
 
 
 def test_prediction_written_in_the_inputs_geometry(synthetic, tmp_path):
@@ -113,8 +160,6 @@ def test_native_scale_sliding_window_covers_large_images_in_network_sized_tiles(
 
 
 def test_native_scale_input_keeps_the_image_size():
-    from monai.data import MetaTensor
-
     image = MetaTensor(torch.rand(3, 600, 410) * 255)
     out = SamInputd("image", image_size=256, resize=False)({"image": image})["image"]
     assert out.shape == (3, 600, 410) and out.meta["sam_resized"] == (600, 410)

@@ -141,3 +141,19 @@ def test_export_refuses_to_overwrite_the_trained_prompts_and_unknown_knobs(tmp_p
     with pytest.raises(OptionError, match=r"--ckpt_dri \(did you mean --ckpt_dir\?\)"):
         quiet(main, str(tmp_path / "model.ts"), config, sam_variant="tiny", ckpt_dri=str(tmp_path / "models"))
     assert not (tmp_path / "model.ts").exists()
+
+
+def test_export_without_trained_prompts_says_so_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    model = tmp_path / "models" / "model.pt"
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "scripts.export", "--filepath", str(tmp_path / "model.onnx"),
+         "--sam_variant", "tiny", "--ckpt_dir", str(model.parent)],
+        cwd=BUNDLE, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: no trained prompts at {model}: train first")  # as inference says it
+    assert "Traceback" not in done.stderr and not (tmp_path / "model.onnx").exists()

@@ -28,8 +28,7 @@ _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's files are 06
 
 
 def cache_root() -> Path:
-    """Where PTSAM keeps what it can rebuild (exported encoders; the demo's generalist, whose
-    module spells the same rule itself: its code is the generalist's cache key):
+    """Where PTSAM keeps what it can rebuild (exported encoders, the demo's generalist):
     ``$PTSAM_CACHE_DIR``, else ``$XDG_CACHE_HOME/ptsam``, else ``~/.cache/ptsam``."""
     root = os.environ.get("PTSAM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ptsam"
     return Path(root)

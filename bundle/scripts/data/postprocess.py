@@ -28,13 +28,39 @@ def logits_to_label(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(best > 0, index + 1, 0).to(torch.float32)
 
 
-def instance_labels(label: np.ndarray, split_touching: bool = False, min_depth: float = 2.0) -> np.ndarray:
+def voxel_spacing(meta: Mapping, ndim: int) -> tuple[float, ...] | None:
+    """How long a voxel is along each of the first ``ndim`` array axes: the lengths of the
+    affine's columns (mm for NIfTI and DICOM; 1 for formats without geometry, whose affine is
+    the identity). None without a usable affine."""
+    if meta.get("affine") is None:
+        return None
+    affine = np.asarray(torch.as_tensor(meta["affine"]).reshape(4, 4).cpu(), dtype=np.float64)
+    spacing = np.linalg.norm(affine[:3, :ndim], axis=0)
+    if len(spacing) != ndim or not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        return None
+    return tuple(float(s) for s in spacing)
+
+
+def instance_labels(
+    label: np.ndarray,
+    split_touching: bool = False,
+    min_depth: float = 2.0,
+    spacing: Sequence[float] | None = None,
+) -> np.ndarray:
     """Number every connected object of every class 1, 2, 3, ... (classes one after another).
 
     With ``split_touching``, touching objects are split by a watershed on the distance to the
-    background, seeded at its maxima that rise at least ``min_depth`` px above the neck
-    joining them to another (so a waist narrower than the objects by that much separates them).
+    background, seeded at its maxima that rise at least ``min_depth`` above the neck joining
+    them to another (so a waist narrower than the objects by that much separates them).
+    Distances are physical where ``spacing`` (each axis's voxel size, ``voxel_spacing``) is
+    given: a CT of 0.7 x 0.7 x 5 mm voxels is split as the objects are in the body, not as
+    they are in voxels. They are counted in voxels of the finest axis, as is ``min_depth``:
+    on a grid of equal spacing the result is that of no spacing at all.
     """
+    sampling = None
+    if spacing is not None:
+        sampling = np.asarray(spacing, dtype=np.float64)
+        sampling = sampling / sampling.min()
     out = np.zeros(label.shape, np.int32)
     next_id = 1
     for cls in (c for c in np.unique(label) if c > 0):
@@ -43,7 +69,7 @@ def instance_labels(label: np.ndarray, split_touching: bool = False, min_depth: 
             from skimage.morphology import h_maxima
             from skimage.segmentation import watershed
 
-            distance = ndimage.distance_transform_edt(mask)
+            distance = ndimage.distance_transform_edt(mask, sampling=sampling)
             markers, _ = ndimage.label(h_maxima(distance, min_depth))  # a plateau is one seed
             regions = watershed(-distance, markers, mask=mask)
         else:
@@ -67,7 +93,8 @@ class LogitsToLabeld(MapTransform):
 
 
 class InstanceLabelsd(MapTransform):
-    """Label map -> instance labels (cells and particles counted one by one), see ``instance_labels``."""
+    """Label map -> instance labels (cells and particles counted one by one), see ``instance_labels``;
+    touching objects are split in physical space, by the voxel spacing of ``ref_key``'s affine."""
 
     def __init__(
         self,
@@ -75,18 +102,21 @@ class InstanceLabelsd(MapTransform):
         enabled: bool = True,
         split_touching: bool = False,
         min_depth: float = 2.0,
+        ref_key: str = "image",
         **kw,
     ):
         super().__init__(keys, kw.pop("allow_missing_keys", False))
         self.enabled, self.split_touching, self.min_depth = flag(enabled), flag(split_touching), min_depth
+        self.ref_key = ref_key
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         if not self.enabled:
             return d
         for key in self.key_iterator(d):
-            label = torch.as_tensor(d[key])[0].round().to(torch.int64).cpu().numpy()
-            instances = instance_labels(label, self.split_touching, self.min_depth)
+            label = _label_array(d[key])
+            spacing = voxel_spacing(meta_of(d, self.ref_key), label.ndim) if self.ref_key in d else None
+            instances = instance_labels(label, self.split_touching, self.min_depth, spacing)
             d[key] = torch.from_numpy(instances[None].astype(np.float32))
         return d
 
@@ -196,9 +226,10 @@ class WriteGeoJSONd(_WriteBeside):
         self.split_touching = flag(split_touching)
 
     def write(self, classes: np.ndarray, meta: Mapping, path: Path) -> Path:
+        spacing = voxel_spacing(meta, classes.ndim)
         if meta["format"] in COLUMNS_FIRST and classes.ndim == 2:  # (x, y) -> rows, columns
-            classes = classes.T
-        objects = instance_labels(classes, self.split_touching)
+            classes, spacing = classes.T, None if spacing is None else spacing[::-1]
+        objects = instance_labels(classes, self.split_touching, spacing=spacing)
         return write_geojson(label_features(classes, objects, self.class_names, str(meta["filename_or_obj"])), path)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..common.files import atomic_torch_save
+from ..common.files import atomic_torch_save, cache_root
 from ..model.decoder import decode_masks
 from ..model.sam import PIXEL_MEAN, PIXEL_STD, build_sam, get_variant, random_sam_weights
 from .scenes import make_scene
@@ -29,11 +28,6 @@ from .scenes import make_scene
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 1000
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("PTSAM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ptsam"
-    return Path(root)
 
 
 def code_version() -> str:
@@ -52,7 +46,8 @@ def code_version() -> str:
 
 
 def generalist_path(seed: int = 0, steps: int = DEFAULT_STEPS) -> Path:
-    return cache_dir() / f"sam_tiny_generalist_{code_version()}_s{seed}_n{steps}.pth"
+    """Where the generalist of ``seed`` and ``steps`` is cached: in the PTSAM cache, named by the code's version."""
+    return cache_root() / f"sam_tiny_generalist_{code_version()}_s{seed}_n{steps}.pth"
 
 
 MAX_POINTS = 5  # every prompt is padded to 6 tokens so a batch decodes together

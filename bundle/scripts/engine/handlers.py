@@ -155,6 +155,19 @@ class EpochSummary:
         logger.info("  ".join(parts))
 
 
+def require_prompts(model_path: str | Path) -> Path:
+    """``model_path``, or a ``FileNotFoundError`` saying how to get trained prompts: what
+    evaluation, inference and export say when there are none yet."""
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no trained prompts at {path}: train first "
+            "(python -m monai.bundle run training --config_file configs/train.yaml ...) "
+            "or point `model_path` at a model.pt"
+        )
+    return path
+
+
 class LoadPrompts:
     """Evaluation and inference: load the trained prompts before the first image, or stop
     with a message saying how to get them."""
@@ -166,13 +179,7 @@ class LoadPrompts:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if not self.model_path.is_file():
-            raise FileNotFoundError(
-                f"no trained prompts at {self.model_path}: train first "
-                "(python -m monai.bundle run training --config_file configs/train.yaml ...) "
-                "or point `model_path` at a model.pt"
-            )
-        load_prompts(unwrap(self.network), self.model_path)
+        load_prompts(unwrap(self.network), require_prompts(self.model_path))
         logger.info("prompts loaded from %s", self.model_path)
 
 

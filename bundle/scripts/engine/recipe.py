@@ -95,9 +95,15 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def differing_knobs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """The knobs on which two recipes disagree, each compared in its canonical form."""
-    a, b = normalize(a), normalize(b)
+    """The knobs on which two normalised recipes (``normalize``) disagree. Unnormalised ones could
+    only differ more (-100 and -100.0 agree; {"255": 1} and {255: 1} do not), never agree wrongly."""
     return [k for k in KNOBS if not _same(a[k], b[k])]
+
+
+def describe_clashes(a: Mapping[str, Any], b: Mapping[str, Any], a_says: str, b_says: str) -> str:
+    """Each knob on which two normalised recipes disagree, with both values, ``"; "``-joined
+    ("intensity: model.pt has 'window', given 'percentile'"); empty if they agree."""
+    return "; ".join(f"{k}: {a_says} {a[k]!r}, {b_says} {b[k]!r}" for k in differing_knobs(a, b))
 
 
 def recorded_recipe(model_path: str | Path) -> dict[str, Any] | None:
@@ -128,12 +134,11 @@ def as_trained(model_path: str | Path, image_size: int, **given: Any) -> dict[st
         return normalize({**LEGACY, **ADDED, "image_size": image_size, **explicit})
     recorded = normalize(recorded)
     mine = normalize({**recorded, **explicit, "image_size": image_size})
-    clashes = [f"{k}: model.pt has {recorded[k]!r}, given {mine[k]!r}" for k in differing_knobs(recorded, mine)]
-    if clashes:
+    differ = describe_clashes(recorded, mine, "model.pt has", "given")
+    if differ:
         raise RecipeMismatchError(
-            f"{path} was trained with another recipe than this run asks for ("
-            + "; ".join(clashes)
-            + "). Leave these knobs unset to use the recorded values, or train again with the new ones."
+            f"{path} was trained with another recipe than this run asks for ({differ}). "
+            "Leave these knobs unset to use the recorded values, or train again with the new ones."
         )
     return recorded
 

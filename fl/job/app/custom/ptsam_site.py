@@ -129,7 +129,7 @@ def update_meta(steps: int, images: int, recipe: Mapping[str, Any]) -> dict[str,
 
 def check_recipe(entry: Any, recipe: Mapping[str, Any], source: str) -> None:
     """Refuse a global model (its ``ptsam_recipe`` entry) made for another recipe than ``recipe``."""
-    from scripts.engine.recipe import RecipeMismatchError, differing_knobs, normalize
+    from scripts.engine.recipe import RecipeMismatchError, describe_clashes, normalize
     from scripts.model.prompt_file import decode_meta
 
     theirs = decode_meta(entry)
@@ -142,14 +142,12 @@ def check_recipe(entry: Any, recipe: Mapping[str, Any], source: str) -> None:
         theirs = normalize(theirs)
     except ValueError as err:
         raise RecipeMismatchError(f"{source} records an incomplete recipe: {err}") from err
-    mine = normalize(recipe)
-    diffs = [f"{k}: the federation's {theirs[k]!r}, this site's {mine[k]!r}" for k in differing_knobs(theirs, mine)]
-    if diffs:
+    differ = describe_clashes(theirs, normalize(recipe), "the federation's", "this site's")
+    if differ:
         raise RecipeMismatchError(
-            f"{source} was trained with another recipe than this site's ("
-            + "; ".join(diffs)
-            + "). Every site trains with the job's recipe: set these knobs in this site's configuration "
-            f"({SITE_CONFIG_ENV}, overrides) to the federation's values."
+            f"{source} was trained with another recipe than this site's ({differ}). Every site trains "
+            f"with the job's recipe: set these knobs in this site's configuration ({SITE_CONFIG_ENV}, "
+            "overrides) to the federation's values."
         )
 
 
