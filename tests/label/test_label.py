@@ -611,19 +611,26 @@ def test_an_unreadable_model_pt_does_not_stop_the_server(server, label_env, gene
         _stop(proc)
 
 
-def test_an_engine_that_cannot_run_here_stops_the_server_at_start(label_env, generalist, tmp_path):
-    """OpenVINO is not in MONAI Label's environment: the server says so and exits, before serving."""
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [(["--encoder-engine", "openvino"], "encoder_engine 'openvino' needs the 'openvino' package"),
+     (["--encoder-engine", "onnxruntime", "--encoder-bf16", "true"],
+      "encoder_bf16 is offered with encoder_engine 'openvino' only, got 'onnxruntime'")],
+)  # fmt: skip
+def test_an_engine_that_cannot_run_here_stops_the_server_at_start(label_env, generalist, tmp_path, flags, reason):
+    """OpenVINO is not in MONAI Label's environment, bfloat16 only runs on it: the server says so
+    and exits, before serving."""
     bundle = _bundle_copy(tmp_path / "ptsam")
     (tmp_path / "studies").mkdir()
     command = [str(label_env), str(REPO / "label" / "start.py"), "--studies", str(tmp_path / "studies")]
-    command += ["--port", str(_free_port()), "--bundle", str(bundle), "--encoder-engine", "openvino"]
+    command += ["--port", str(_free_port()), "--bundle", str(bundle), *flags]
     env = {**os.environ, "SAM_CHECKPOINT": str(generalist), "SAM_VARIANT": "tiny", "PYTHONPATH": ""}
     env["MONAI_LABEL_SESSION_PATH"] = str(tmp_path / "sessions")
     done = subprocess.run(
         command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=180, env=env
     )
     assert done.returncode != 0
-    assert "encoder_engine 'openvino' needs the 'openvino' package" in done.stdout + done.stderr
+    assert reason in done.stdout + done.stderr
 
 
 def _cors(base: str, origin: str, method: str = "GET", path: str = "/info/", request_method: str = "") -> tuple:
