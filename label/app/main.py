@@ -54,8 +54,14 @@ What this adds to MONAI Label's bundle tasks, and why:
   ``models/*.pt`` is offered (it would run with model.pt's recipe and names);
 - with ``instance_labels``, the answer's ``label_names`` (3D Slicer names the values by them)
   name the numbered objects, not the classes;
-- ``val_split`` -1 (MONAI Label: the bundle's default validation) holds out train.yaml's
-  ``val_fraction`` of the datastore's labelled images, not train.yaml's list from ``dataset_dir``;
+- the datastore's labelled images are split into training and validation as the bundle splits a
+  folder (``held_out``: ``val_split`` of them by a hash of their names, whole cases and patients:
+  DICOM series of one PatientID, and with the train option ``split_group``, else train.yaml's, a
+  patient's slices), where MONAI Label cuts its ordered list through a patient's images, so that
+  validation, which chooses the epoch and decides the publish rule, is scored on unseen patients;
+  ``split_group`` is recorded in the new model.pt's split. ``val_split`` -1 (MONAI Label: the
+  bundle's default validation) holds out train.yaml's ``val_fraction``, not train.yaml's list
+  from ``dataset_dir``;
 - training refuses a ``model.pt`` whose recipe reads a label value as another class than the
   server writes it with (class c as value c), as viewers send back the server's labels.
 """
@@ -445,6 +451,7 @@ class PTSAMTrainTask(BundleTrainTask):
         self._served_problem = ""  # why the served model.pt cannot be read, during a train
         self._candidate: Path | None = None  # where this train's prompts are written
         self._run_overrides: dict[str, Any] = {}  # what the run was given, for scoring alike
+        self._split_group: str | None = None  # this train's split_group (the request's, else train.yaml's)
         super().__init__(path, conf)
 
     def _load_bundle_config(self, path: str, config: str):
@@ -453,7 +460,12 @@ class PTSAMTrainTask(BundleTrainTask):
         return parser
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "model_filename": [MODEL_FILE], "publish": list(PUBLISH_RULES)}
+        # split_group: a text field in 3D Slicer's training options (empty: none), train.yaml's by default
+        split_group = self.bundle_config.get("split_group") or ""
+        return {
+            **super().config(), "model_filename": [MODEL_FILE], "publish": list(PUBLISH_RULES),
+            "split_group": split_group,
+        }  # fmt: skip
 
     def stats(self) -> dict[str, Any]:
         """The last train's outcome (/info's ``train_stats``): the Dice of the served and the new
@@ -584,13 +596,41 @@ class PTSAMTrainTask(BundleTrainTask):
             if flag(pretrained) and not self._served_problem:
                 super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
 
+    def _requested_split_group(self, request: dict) -> str | None:
+        """The train option ``split_group`` (3D Slicer's text field: empty is none), else train.yaml's;
+        a pattern that is no regular expression is refused, named, before any work."""
+        value = request.get("split_group", self.bundle_config.get("split_group"))
+        value = value or None
+        with _BundleImports(self.bundle_path):
+            from scripts.data.datasets import split_pattern
+
+            split_pattern(value)
+        return value
+
     def _partition_datalist(self, datalist: list, request: dict, shuffle: bool = False):
+        """The datastore's labelled images split as the bundle splits a folder (``held_out``): whole
+        cases and patients (a DICOM PatientID; with ``split_group`` a patient's slices) go to training
+        or validation, never both, as validation chooses the epoch and decides the publish rule.
+        MONAI Label's own split cuts its ordered list at ``val_split``, through a patient's images."""
         # val_split < 0 is MONAI Label's "the bundle's default": train.yaml's own validation list,
         # which reads dataset_dir (the demo's synthetic images), not the datastore. The bundle's
         # default is its val_fraction, taken here of the datastore's labelled images.
-        if float(request.get("val_split", 0.2)) < 0:
-            request = {**request, "val_split": float(self.bundle_config["val_fraction"])}
-        return super()._partition_datalist(datalist, request, shuffle)
+        self._split_group = self._requested_split_group(request)  # the run records it (_update_overrides)
+        val_split = float(request.get("val_split", 0.2))
+        if val_split < 0:
+            val_split = float(self.bundle_config["val_fraction"])
+        if val_split >= 1:
+            raise ValueError(f"val_split {val_split:g}: the share of labelled images to validate on, below 1")
+        with _BundleImports(self.bundle_path):
+            from scripts.data.datasets import held_out
+
+            training, validation = held_out(datalist, val_split, "", self._split_group, knob="val_split")
+        logger.info(
+            "val_split=%g of %d labelled image(s): %d train, %d validate (whole cases and patients%s)",
+            val_split, len(datalist), len(training), len(validation),
+            f", split_group {self._split_group!r}" if self._split_group else "",
+        )  # fmt: skip
+        return training, validation
 
     def _update_overrides(self, overrides: dict[str, Any]) -> None:
         # A new run from the current model.pt (MONAI Label loads it): an older run's resume
@@ -607,6 +647,7 @@ class PTSAMTrainTask(BundleTrainTask):
                 _check_label_values(recipe, _model_file(self.bundle_path))
         overrides.update({**self.overrides, **trained["network"], **recipe, "resume": False})
         overrides["model_path"] = str(self._candidate)  # published by _publish, or not
+        overrides["split_group"] = self._split_group  # recorded in model.pt's split; its summary counts patients
         # The new prompts continue those of model.pt: the images that trained or chose them are in
         # the new model.pt's record of its split too (evaluation refuses them as test images).
         loader = _checkpoint_loader(overrides.get("train#handlers", []))

@@ -66,6 +66,67 @@ def test_an_image_in_two_splits_is_refused(tmp_path):
         load_datalist(tmp_path, "test")
 
 
+def _listed(root: Path, splits: dict[str, list[str]]) -> None:
+    """dataset.json with these image lists, each image with a mask of its name under masks/."""
+    spec = {part: [{"image": n, "label": f"masks/{Path(n).stem}.png"} for n in names] for part, names in splits.items()}
+    (root / "dataset.json").write_text(json.dumps(spec))
+
+
+def test_one_case_or_patient_in_two_listed_splits_is_refused(tmp_path):
+    # dataset.json's lists, not a fraction, put images of one case or patient in two splits: a PNG
+    # and its TIFF, a DICOM series and its NIfTI, series of one PatientID, a patient's slices
+    rng = np.random.default_rng(3)
+    for name in ("img1.png", "img2.png", "img3.png", "case1.png", "pat01_s0.png", "pat01_s1.png"):
+        _png(tmp_path / name, _cells(rng))
+        _png(tmp_path / "masks" / f"{Path(name).stem}.png", _mask())
+    tifffile.imwrite(tmp_path / "case1.tif", _cells(rng))
+    for seed, name in enumerate(("ct6", "mr9")):  # two series of one patient
+        volume, _ = ct_case(rng, shape=(24, 20, 3))
+        write_dicom_series(volume, ct_affine(rng), tmp_path / name, seed=seed, patient_id="P6")
+    nib.save(nib.Nifti1Image(np.zeros((24, 20, 3), np.float32), np.eye(4)), str(tmp_path / "ct6.nii.gz"))
+    splits = {
+        "training": ["img1.png", "case1.png", "ct6", "pat01_s0.png"],
+        "validation": ["img2.png", "ct6.nii.gz", "pat01_s1.png"],
+        "test": ["img3.png", "case1.tif"],
+    }
+    _listed(tmp_path, splits)
+    for section in ("training", "test"):  # training and evaluation alike, before any work
+        with pytest.raises(DatasetError) as raised:
+            load_datalist(tmp_path, section)
+        found = raised.value.problems
+        assert len(found) == 2
+        assert found[0].startswith(
+            f"case name 'case1' ties images listed under training and test in {tmp_path}: "
+            f"{tmp_path / 'case1.png'} (training), {tmp_path / 'case1.tif'} (test); one case or patient in two"
+        )
+        assert found[1].startswith(
+            f"case name 'ct6' ties images listed under training and validation in {tmp_path}: "
+            f"{tmp_path / 'ct6'} (training), {tmp_path / 'ct6.nii.gz'} (validation);"
+        )
+
+    # the twins in one split: the two series of PatientID P6 are still in two (their names differ)
+    splits["training"] += ["case1.tif", "ct6.nii.gz"]
+    splits["validation"] = ["img2.png", "pat01_s1.png"]
+    splits["test"] = ["img3.png", "mr9"]
+    _listed(tmp_path, splits)
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path, "training")
+    assert len(raised.value.problems) == 1
+    assert raised.value.problems[0].startswith(
+        f"PatientID 'P6' ties images listed under training and test in {tmp_path}: {tmp_path / 'ct6'} (training), "
+        f"{tmp_path / 'mr9'} (test);"
+    )
+    splits["test"] = ["img3.png"]
+    _listed(tmp_path, splits)
+    assert len(load_datalist(tmp_path, "training")) == 6  # pat01's slices are one patient only by split_group
+    with pytest.raises(DatasetError) as raised:
+        load_datalist(tmp_path, "training", split_group=r"^([a-z]+\d+)")
+    assert [p.split(";", 1)[0] for p in raised.value.problems] == [
+        f"split_group 'pat01' ties images listed under training and validation in {tmp_path}: "
+        f"{tmp_path / 'pat01_s0.png'} (training), {tmp_path / 'pat01_s1.png'} (validation)"
+    ]
+
+
 def test_without_a_test_set_one_is_carved_out_before_validation(tmp_path):
     for i in range(20):
         _png(tmp_path / "imagesTr" / f"case{i}.png", _cells())

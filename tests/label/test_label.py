@@ -360,6 +360,81 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     assert read_recipe(model)["a_min"] == -100.0
 
 
+# /train's split, run by the task the server builds, on MONAI Label's datastore of ``studies``:
+# for each request, the images it trains and validates on, and the split_group the run is given.
+_SPLIT_SCRIPT = """
+import json, sys
+sys.path.insert(0, "label/app")
+import main
+from monailabel.config import settings
+
+bundle, studies, requests = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+store = main.StudiesDatastore(bundle, studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+task = main.PTSAMTrainTask(bundle, {}, {})
+answers = {"options": task.config().get("split_group")}
+for name, request in requests.items():
+    try:
+        training, validation = task._partition_datalist(store.datalist(), request)
+    except ValueError as err:
+        answers[name] = str(err)
+        continue
+    overrides = {}
+    task._update_overrides(overrides)
+    answers[name] = [[d["image"] for d in training], [d["image"] for d in validation], overrides.get("split_group")]
+print(json.dumps(answers))
+"""
+
+
+def test_train_keeps_a_patient_in_training_or_validation(label_env, tmp_path):
+    """MONAI Label cuts the datastore's ordered list at val_split, through a patient's images (here
+    the last slice of pat02, and the second of pat03's two DICOM series): validation, which chooses
+    the epoch and decides whether new prompts replace model.pt, scored patients it trained on. The
+    split is the bundle's: whole patients by PatientID, and by the train option split_group."""
+    bundle = _bundle_copy(tmp_path / "ptsam")
+    studies, labels = tmp_path / "studies", tmp_path / "studies" / "labels" / "final"
+    labels.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    patients = {f"pat01_s{k}": "pat01" for k in range(3)} | {f"pat02_s{k}": "pat02" for k in range(2)}
+    for name in patients:
+        tifffile.imwrite(studies / f"{name}.tif", rng.integers(0, 255, (32, 40), dtype=np.uint8))
+        tifffile.imwrite(labels / f"{name}.tif", (rng.random((32, 40)) > 0.5).astype(np.uint8))
+    for name, patient in (("pat03_ax", "P3"), ("pat03_cor", "P3"), ("pat04_ax", "P4")):
+        volume = rng.integers(-100, 100, (24, 20, 3)).astype(np.int16)
+        write_dicom_series(volume, np.eye(4), studies / name, seed=len(patients), patient_id=patient)
+        nib.save(nib.Nifti1Image((volume > 0).astype(np.uint8), np.eye(4)), str(labels / f"{name}.nii.gz"))
+        patients[name] = name[:5]
+    requests = {
+        "by_patient_id": {"val_split": 0.25},
+        "by_split_group": {"val_split": 0.5, "split_group": r"^(pat\d+)_"},
+        "bundle_default": {"val_split": -1, "split_group": ""},  # 3D Slicer's empty text field
+        "bad_pattern": {"split_group": "(pat"},
+        "unmatched": {"split_group": r"^(pat0[12])_"},
+    }
+    done = subprocess.run(
+        [str(label_env), "-c", _SPLIT_SCRIPT, str(bundle), str(studies), json.dumps(requests)],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+
+    def sides(name: str) -> list[set[str]]:
+        return [{patients[Path(image).name.split(".")[0]] for image in part} for part in answers[name][:2]]
+
+    for name, tied, held in (
+        ("by_patient_id", {"pat03"}, 2),  # no split_group: slices are cases of their own
+        ("by_split_group", {"pat01", "pat02", "pat03", "pat04"}, 4),
+        ("bundle_default", {"pat03"}, 2),  # train.yaml's val_fraction 0.2 of 8
+    ):
+        training, validation = sides(name)
+        assert len(answers[name][0]) + len(answers[name][1]) == 8 and len(answers[name][1]) == held, answers[name]
+        assert not training & validation & tied, (name, answers[name])
+        assert answers[name][2] == (requests[name].get("split_group") or None)  # recorded in the new model.pt
+    assert answers["options"] == ""  # a train option (3D Slicer's panel), train.yaml's null by default
+    assert answers["bad_pattern"].startswith("split_group '(pat': not a regular expression")
+    assert "pat03_ax: split_group '^(pat0[12])_' names no group in its name 'pat03_ax'" in answers["unmatched"]
+
+
 def test_bad_input_gets_a_message_and_the_server_keeps_serving(trained):
     base = trained[0]
     status, body, _ = _infer(base, "no_such_image")

@@ -140,8 +140,8 @@ def _keys(items: Sequence[Mapping], split_group: str | None, strict: bool) -> li
             elif strict:
                 unmatched.append(
                     f"{item['image']}: split_group {pattern.pattern!r} names no group in its name {_name(item)!r}; "
-                    "every image split by test_fraction or val_fraction needs one (alone, it could land "
-                    "in another split than its patient's other images): widen the pattern, or rename the file"
+                    "with split_group every image split or listed needs one (alone, it could be in another "
+                    "split than its patient's other images): widen the pattern, or rename the file"
                 )
         keys.append(found)
     if unmatched:
@@ -156,7 +156,13 @@ def case_groups(items: Sequence[Mapping], split_group: str | None = None, strict
     (DICOM, read from one file's header) or the group ``split_group`` names in their file names
     (its first capture group, else the whole match). With ``strict``, a ``DatasetError`` names
     every image ``split_group`` does not match."""
-    parent = list(range(len(items)))
+    return _joined(_keys(items, split_group, strict))
+
+
+def _joined(keys: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Indices of images in groups, given each image's keys: images sharing a key, directly or through
+    others, are one group (in the order of their first image)."""
+    parent = list(range(len(keys)))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -165,11 +171,11 @@ def case_groups(items: Sequence[Mapping], split_group: str | None = None, strict
         return i
 
     first: dict[str, int] = {}
-    for i, keys in enumerate(_keys(items, split_group, strict)):
-        for key in keys:
+    for i, found in enumerate(keys):
+        for key in found:
             parent[root(i)] = root(first.setdefault(key, i))
     groups: dict[int, list[int]] = {}
-    for i in range(len(items)):
+    for i in range(len(keys)):
         groups.setdefault(root(i), []).append(i)
     return list(groups.values())
 
@@ -181,11 +187,12 @@ def _one_group(items: Sequence[Mapping], split_group: str | None, fraction: floa
         for key in keys:
             tied[key] = tied.get(key, 0) + 1
     shared = sorted((k for k, n in tied.items() if n > 1), key=lambda k: -tied[k])[:3]
+    listed = ", list the held-out cases in dataset.json" if knob.endswith("_fraction") else ""  # not MONAI Label's
     return (
         f"{knob}={fraction:g}: the {len(items)} images to split form one group (a case or patient: "
         + ", ".join(f"{k} for {tied[k]}" for k in shared)
-        + "), so none can be held out without leaking that patient into both splits; set "
-        f"{knob} 0, list the held-out cases in dataset.json, or add images of other patients"
+        + f"), so none can be held out without leaking that patient into both splits; set {knob} 0{listed}, "
+        "or add images of other patients"
     )
 
 
@@ -287,6 +294,33 @@ def _refuse_shared_images(root: Path, splits: Mapping[str, Sequence[Mapping]]) -
         raise DatasetError(problems)
 
 
+def _refuse_split_cases(root: Path, splits: Mapping[str, Sequence[Mapping]], split_group: str | None) -> None:
+    """Images of one case or patient (``case_groups``) in two splits: a case's twin in another format,
+    a series of the same PatientID or, with ``split_group``, a slice of the same patient would be
+    scored on what trained or chose the prompts. Split by fractions, groups stay whole; lists given
+    (dataset.json, imagesTs/) are checked here, each key that ties images of two splits named."""
+    items = [(name, item) for name, part in splits.items() for item in part]
+    keys = _keys([item for _, item in items], split_group, strict=split_group is not None)
+    problems = []
+    for group in _joined(keys):
+        if len({items[i][0] for i in group}) < 2:
+            continue
+        for key in dict.fromkeys(k for i in group for k in keys[i]):  # each key once, in order
+            tied = [i for i in group if key in keys[i]]
+            names = list(dict.fromkeys(items[i][0] for i in tied))
+            if len(names) < 2:
+                continue
+            shown = ", ".join(f"{items[i][1]['image']} ({items[i][0]})" for i in tied[:6])
+            more = f" and {len(tied) - 6} more" if len(tied) > 6 else ""
+            problems.append(
+                f"{key} ties images listed under {' and '.join(names)} in {root}: {shown}{more}; one case or "
+                "patient in two splits is scored on images that trained or chose the prompts: list them under "
+                "one split (or, if they are different cases, rename one)"
+            )
+    if problems:
+        raise DatasetError(problems)
+
+
 def _layout_hint(root: Path) -> str:
     """What a folder without the expected layout was likely meant as: the images folder itself (its
     parent holds the dataset), or images and masks side by side."""
@@ -354,7 +388,9 @@ def load_datalist(
             _refuse_unlabelled_held_out(test)
     if not validation:
         training, validation = held_out(training, val_fraction, "", split_group, knob="val_fraction")
-    _refuse_shared_images(root, {"training": training, "validation": validation, "test": test})
+    splits = {"training": training, "validation": validation, "test": test}
+    _refuse_shared_images(root, splits)
+    _refuse_split_cases(root, splits, split_group)
     if section == "test" and not test:
         raise DatasetError(
             [
