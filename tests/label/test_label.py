@@ -298,6 +298,18 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     assert outcome["published"] and outcome["kept"] == "new" and outcome["validation_images"] == 1, outcome
     assert outcome["new_dice"] > outcome["served_dice"], outcome
     assert f"published the new prompts as {model}: validation mean Dice on 1 image(s)" in _text(log)
+    # Every labelled image trained or chose the served prompts, and the one validation image chose
+    # the new ones: the comparison says it is biased, and why no image could be held out.
+    comparison = outcome["comparison"]
+    assert len(comparison["images"]) == 1 and comparison["unbiased"] is False, outcome
+    assert (
+        "biased toward the new prompts (no image could be held out: each validation image trained"
+        in (comparison["basis"])
+    )
+    assert "1 of them trained or chose the served prompts" in comparison["basis"]
+    assert (
+        "only validation images labelled since the served prompts were trained can be held out" in (comparison["basis"])
+    )
 
     after = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_after.tif"))
     assert after.shape == tiff.shape and set(np.unique(after)) <= {0, 1} and after.any()  # trained: cells found
@@ -355,9 +367,44 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     outcome = _train(base, log, publish="always")
     assert _sha(model) != trained_sha and "resumed from" not in _text(log)
     assert outcome["published"] and outcome["publish"] == "always" and outcome["new_dice"] is not None
+    assert (
+        outcome["comparison"]["unbiased"] is False
+        and "publish: always holds none out" in (outcome["comparison"]["basis"])
+    )
     runs = _runs(bundle)
     assert len(runs) == earlier_runs + 4 and runs[0].data.params["a_min"] == "-100.0"
     assert read_recipe(model)["a_min"] == -100.0
+
+
+def test_the_comparison_holds_out_images_labelled_since_the_served_prompts(trained, tmp_path):
+    """Images labelled since the served prompts were trained: one of the three validation images
+    is held out of the run (the other two choose its best epoch), and the served and the new
+    prompts are compared on it, which neither trained on or chose: an unbiased comparison."""
+    from scripts.demo.synthetic import generate
+
+    base, _, studies, _, log, _ = trained
+    generate(str(tmp_path / "more"), seed=5, n_train=2, n_val=0, n_test=0, modalities="microscopy")
+    added = [studies / f"later_{i}.tif" for i in range(2)]
+    try:
+        for i, image in enumerate(added):  # the datastore lists them after the others: validation images
+            shutil.copy(
+                tmp_path / "more" / "microscopy" / "labelsTr" / f"cells_{i:03d}.tif",
+                studies / "labels" / "final" / image.name,
+            )
+            shutil.copy(tmp_path / "more" / "microscopy" / "imagesTr" / f"cells_{i:03d}.tif", image)
+        outcome = _train(base, log, val_split=0.5)  # six labelled images: three train, three validate
+    finally:
+        for image in added:
+            image.unlink(missing_ok=True)
+            (studies / "labels" / "final" / image.name).unlink(missing_ok=True)
+    assert outcome["validation_images"] == 3, outcome
+    held = outcome["comparison"]["images"]  # the first of them the datastore lists (in the folder's order)
+    assert held in (["later_0.tif"], ["later_1.tif"]) and outcome["comparison"]["unbiased"] is True, outcome
+    assert "neither set of prompts trained on or chose" in outcome["reason"]
+    assert "validation mean Dice on 1 image(s)" in outcome["reason"] and outcome["served_dice"] is not None
+    text = _text(log)
+    assert "1 of the 3 validation image(s) are held out of this run" in text
+    assert "training on 3 image(s); 2 validation image(s) choose the best epoch" in text
 
 
 def test_bad_input_gets_a_message_and_the_server_keeps_serving(trained):
