@@ -43,8 +43,10 @@ What this adds to MONAI Label's bundle tasks, and why:
   with no validation images the served ``model.pt`` is kept (nothing shows the new prompts are
   not worse). The train option ``publish: always`` publishes in every case. The outcome (both
   Dice values, the comparison, ``kept``: ``served`` or ``new``, and why) is logged, is the
-  task's result (the last lines of ``GET /train/``), and stays in ``/info``'s ``train_stats``
-  (``models/train_stats.json``).
+  task's result (the last lines of ``GET /train/``), stays in ``/info``'s ``train_stats``
+  (``models/train_stats.json``), and is added to the training's MLflow run (metrics
+  ``publish_dice_served``, ``publish_dice_new``; tags ``publish_rule``, ``publish_kept``,
+  ``publish_unbiased``; ``publish_outcome.json``).
   ``pretrained: false`` starts from untrained prompts (MONAI Label 0.8.5 fails on it);
 - a ``model.pt`` that cannot be read (a truncated copy, a garbled record) does not stop the
   server: the log names the file and the error, inference answers 409 with them until it is
@@ -75,6 +77,7 @@ import sys
 import tempfile
 import threading
 import types
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -428,6 +431,7 @@ class PTSAMInferTask(BundleInferTask):
 
 PUBLISH_RULES = ("if_not_worse", "always")  # the train option `publish`; the first is the default
 STATS_FILE = "train_stats.json"  # beside model.pt, where MONAI Label's own train tasks keep theirs
+TRAIN_TAG = "monailabel_train"  # on the MLflow run of a /train: which one it is, to add its outcome
 
 
 def _publish_rule(request: dict) -> str:
@@ -453,6 +457,7 @@ class PTSAMTrainTask(BundleTrainTask):
         self._validation: list = []  # the validation images MONAI Label's split gave this train
         self._held_out: list = []  # of those, the ones kept out of the run to compare the prompts on
         self._why_none_held = ""  # why none could be
+        self._train_id = ""  # this train's MLflow run carries it (TRAIN_TAG)
         super().__init__(path, conf)
 
     def _load_bundle_config(self, path: str, config: str):
@@ -478,6 +483,7 @@ class PTSAMTrainTask(BundleTrainTask):
             # The run would start from that file's prompts with model.pt's recipe, and overwrite model.pt.
             raise ValueError(f"model_filename {chosen!r}: this server trains {MODEL_FILE} only")
         rule = self._rule = _publish_rule(request)
+        self._train_id = uuid.uuid4().hex
         served = _model_file(self.bundle_path)
         self._served_problem = _read_served(self.bundle_path)[1]
         if self._served_problem:
@@ -495,6 +501,7 @@ class PTSAMTrainTask(BundleTrainTask):
             if not self._candidate.is_file():
                 raise RuntimeError(f"the training wrote no prompts ({self._candidate}); {served} is unchanged")
             outcome = self._publish(rule)
+            outcome["mlflow_run"] = self._track(outcome)
             # Folders of trainings that were stopped (DELETE /train): this run held models/ (the
             # bundle's claim on its ckpt_dir), so no other training is writing there.
             for stale in served.parent.glob(".train-*"):
@@ -582,20 +589,63 @@ class PTSAMTrainTask(BundleTrainTask):
             basis += f"; {optimistic} of them trained or chose the served prompts: its score is optimistic too"
         return {"images": names, "unbiased": False, "basis": basis}
 
+    def _parser(self, **more: Any) -> Any:
+        """train.yaml as the run was configured (call with the bundle's scripts importable)."""
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_meta(self.bundle_metadata_path)
+        parser.read_config(self.bundle_config_path)
+        parser.update({**self._run_overrides, **more})
+        return parser
+
+    def _track(self, outcome: dict[str, Any]) -> str | None:
+        """The outcome in the training's MLflow run (the bundle's tracking closed it when training
+        ended): the Dice values as ``publish_dice_served`` and ``publish_dice_new``, the rule, the
+        decision and whether the comparison was unbiased as ``publish_*`` tags, and the whole
+        outcome as ``publish_outcome.json``. Returns the run's id; None, said in the log, where it
+        cannot be written (model.pt is published or kept by then either way)."""
+        with _BundleImports(self.bundle_path):
+            from scripts.common.flags import flag
+
+            parser = self._parser()
+            if not flag(parser.get_parsed_content("tracking_enabled")):
+                return None
+            uri, experiment = parser.get_parsed_content("tracking_uri"), parser.get_parsed_content("experiment_name")
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri)
+            found = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([found.experiment_id], f"tags.{TRAIN_TAG} = '{self._train_id}'") if found else []
+            if not runs:
+                logger.warning(
+                    "no MLflow run of this training in %s (%s): the outcome is not recorded there", uri, experiment
+                )
+                return None
+            run = runs[0].info.run_id
+            for key in ("served", "new"):
+                if outcome[f"{key}_dice"] is not None:
+                    client.log_metric(run, f"publish_dice_{key}", outcome[f"{key}_dice"])
+            comparison = outcome["comparison"] or {}
+            tags = {"rule": outcome["publish"], "kept": outcome["kept"], "unbiased": comparison.get("unbiased")}
+            for key, value in tags.items():
+                client.set_tag(run, f"publish_{key}", "none" if value is None else str(value).lower())
+            client.log_text(run, json.dumps(outcome, indent=2), "publish_outcome.json")
+            return run
+        except Exception as err:  # noqa: BLE001 (a store that fails now: said, the decision stands)
+            logger.warning("the outcome could not be recorded in MLflow run of this training in %s: %s", uri, err)
+            return None
+
     def _score(self, files: list[Path], images: list) -> list[float]:
         """Each prompt file's key metric on ``images``, by train.yaml's validation as the run was
         configured (recipe, network, device), with one network and evaluator for all files."""
-        from monai.bundle import ConfigParser
-
         with _BundleImports(self.bundle_path):
             from scripts.engine.distributed import unwrap
             from scripts.model.prompt_file import load_prompts
 
-            parser = ConfigParser()
-            parser.read_meta(self.bundle_metadata_path)
-            parser.read_config(self.bundle_config_path)
             # Scored outside the run: nothing of it is tracked, and no handler of the training attaches.
-            parser.update({**self._run_overrides, "validate#dataset#data": images, "tracking_enabled": False})
+            parser = self._parser(**{"validate#dataset#data": images, "tracking_enabled": False})
             evaluator = parser.get_parsed_content("validate#evaluator")
             network = unwrap(parser.get_parsed_content("network"))
             metric = next(iter(parser.get("validate#key_metric")))
@@ -638,6 +688,9 @@ class PTSAMTrainTask(BundleTrainTask):
                 _check_label_values(recipe, _model_file(self.bundle_path))
         overrides.update({**self.overrides, **trained["network"], **recipe, "resume": False})
         overrides["model_path"] = str(self._candidate)  # published by _publish, or not
+        # The run is found by this tag to record the outcome in it (_track), once it has ended.
+        tags = {**(self.bundle_config.get("tracking_run#tags") or {}), TRAIN_TAG: self._train_id}
+        overrides["tracking_run#tags"] = tags
         self._hold_out(overrides)
         # The new prompts continue those of model.pt: the images that trained or chose them are in
         # the new model.pt's record of its split too (evaluation refuses them as test images).

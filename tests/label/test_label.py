@@ -270,6 +270,23 @@ def _runs(bundle: Path) -> list:
     )
 
 
+def _assert_tracked(bundle: Path, outcome: dict) -> None:
+    """The train's outcome is in its MLflow run: Dice values as metrics, the decision as tags."""
+    run = _runs(bundle)[0]  # the newest: this train's
+    for key in ("served", "new"):
+        if outcome[f"{key}_dice"] is None:
+            assert f"publish_dice_{key}" not in run.data.metrics
+        else:
+            assert run.data.metrics[f"publish_dice_{key}"] == pytest.approx(outcome[f"{key}_dice"], abs=1e-6)
+    unbiased = str(outcome["comparison"]["unbiased"]).lower() if outcome["comparison"] else "none"
+    assert {key: run.data.tags.get(f"publish_{key}") for key in ("rule", "kept", "unbiased")} == {
+        "rule": outcome["publish"],
+        "kept": outcome["kept"],
+        "unbiased": unbiased,
+    }
+    assert outcome["mlflow_run"] == run.info.run_id and run.info.status == "FINISHED", outcome
+
+
 def test_infer_train_infer(trained, generalist, tmp_path):
     """What briefly trained prompts predict depends on the machine's rounding: the server's answers
     are compared with the bundle's own inference of the same model.pt, not with a number."""
@@ -351,9 +368,11 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     assert not outcome["published"] and outcome["kept"] == "served", outcome
     assert outcome["served_dice"] > outcome["new_dice"] and outcome["served_dice"] >= 0.5, outcome
     assert f"kept the served {model}: validation mean Dice on 1 image(s)" in _text(log)
+    _assert_tracked(bundle, outcome)
     outcome = _train(base, log, val_split=0)
     assert _sha(model) == trained_sha and outcome["kept"] == "served" and outcome["validation_images"] == 0
     assert outcome["served_dice"] is None and "no validation images" in outcome["reason"]
+    _assert_tracked(bundle, outcome)
     assert _dice(tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_kept.tif")), after) == 1.0
 
     # A second /train is a new run from the new model.pt, not a resumed (finished) first run,
@@ -382,7 +401,7 @@ def test_the_comparison_holds_out_images_labelled_since_the_served_prompts(train
     prompts are compared on it, which neither trained on or chose: an unbiased comparison."""
     from scripts.demo.synthetic import generate
 
-    base, _, studies, _, log, _ = trained
+    base, bundle, studies, _, log, _ = trained
     generate(str(tmp_path / "more"), seed=5, n_train=2, n_val=0, n_test=0, modalities="microscopy")
     added = [studies / f"later_{i}.tif" for i in range(2)]
     try:
@@ -405,6 +424,7 @@ def test_the_comparison_holds_out_images_labelled_since_the_served_prompts(train
     text = _text(log)
     assert "1 of the 3 validation image(s) are held out of this run" in text
     assert "training on 3 image(s); 2 validation image(s) choose the best epoch" in text
+    _assert_tracked(bundle, outcome)
 
 
 def test_bad_input_gets_a_message_and_the_server_keeps_serving(trained):
