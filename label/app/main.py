@@ -32,7 +32,9 @@ What this adds to MONAI Label's bundle tasks, and why:
   (inference reads that recipe through the bundle's own ``inference.yaml``); the new
   ``model.pt``'s record of the images that trained the prompts keeps those of the old one;
 - a ``/train`` replaces the served ``model.pt`` only if its prompts score at least as well:
-  the run writes them beside it, then the served and the new prompts are scored by
+  the run writes them beside it (in a hidden ``.train-*`` folder its process holds while it runs:
+  one that a stopped or killed training leaves is removed by the next training, or when the
+  server starts), then the served and the new prompts are scored by
   ``train.yaml``'s validation (mean Dice), in the same process, and the new ones are published
   only where they score at least as high (MONAI Label would overwrite a good specialist with
   whatever a short run on a few corrections gave). They are compared on validation images held
@@ -431,7 +433,18 @@ class PTSAMInferTask(BundleInferTask):
 
 PUBLISH_RULES = ("if_not_worse", "always")  # the train option `publish`; the first is the default
 STATS_FILE = "train_stats.json"  # beside model.pt, where MONAI Label's own train tasks keep theirs
+STAGING = ".train-"  # a train's folder for its prompts, beside model.pt; hidden: MONAI Label offers no file of it
 TRAIN_TAG = "monailabel_train"  # on the MLflow run of a /train: which one it is, to add its outcome
+
+
+def _remove_stale_staging(bundle: str) -> None:
+    """Remove the staging folders of trainings that no longer run (stopped with DELETE /train,
+    which kills them, or killed otherwise); a running training holds its own (``held_folder``)."""
+    with _BundleImports(bundle):
+        from scripts.common.files import remove_unheld
+
+        for folder in remove_unheld(_model_file(bundle).parent, STAGING):
+            logger.info("removed %s, left by a training that was stopped or killed", folder)
 
 
 def _publish_rule(request: dict) -> str:
@@ -492,9 +505,13 @@ class PTSAMTrainTask(BundleTrainTask):
                 "prompts replace that file",
                 self._served_problem,
             )
-        # In models/ (one file system: the new prompts replace model.pt atomically); hidden, so
-        # that MONAI Label offers no file of it.
-        work = Path(tempfile.mkdtemp(prefix=".train-", dir=served.parent))
+        # In models/ (one file system: the new prompts replace model.pt atomically), held by this
+        # process while it lives: a killed training's is removed by the next one, or at start-up.
+        _remove_stale_staging(self.bundle_path)
+        with _BundleImports(self.bundle_path):
+            from scripts.common.files import held_folder, release_folder
+
+            work, hold = held_folder(served.parent, STAGING)
         self._candidate = work / MODEL_FILE
         try:
             super().__call__(request, datastore)
@@ -502,13 +519,8 @@ class PTSAMTrainTask(BundleTrainTask):
                 raise RuntimeError(f"the training wrote no prompts ({self._candidate}); {served} is unchanged")
             outcome = self._publish(rule)
             outcome["mlflow_run"] = self._track(outcome)
-            # Folders of trainings that were stopped (DELETE /train): this run held models/ (the
-            # bundle's claim on its ckpt_dir), so no other training is writing there.
-            for stale in served.parent.glob(".train-*"):
-                if stale != work:
-                    shutil.rmtree(stale, ignore_errors=True)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            release_folder(work, hold)
         with _BundleImports(self.bundle_path):
             from scripts.common.files import atomic_write
 
@@ -732,6 +744,7 @@ class PTSAMApp(MONAILabelApp):
         self.overrides = bundle_overrides(conf)
         if not (Path(self.bundle) / "configs" / "inference.yaml").is_file():
             raise ValueError(f"{self.bundle}: not a PTSAM bundle (no configs/inference.yaml)")
+        _remove_stale_staging(self.bundle)
         self.infer_overrides = {**self.overrides, **engine_overrides(self.bundle, conf)}
         if not _model_file(self.bundle).is_file():  # (an unreadable one is reported by init_infers)
             logger.warning(

@@ -749,6 +749,50 @@ def test_start_refuses_a_bad_cors_origin(label_env, tmp_path):
     assert done.returncode != 0 and "--cors-origins: 'viewer.example': not an origin" in done.stderr
 
 
+def _start_training(base: str, models: Path, known: set) -> Path:
+    """POST a long /train; once it runs, its staging folder beside model.pt."""
+    request = json.dumps({"max_epochs": 1000}).encode()
+    status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
+    assert status == 200, body
+    deadline = time.time() + 180
+    while not (new := [p for p in models.glob(".train-*") if p not in known]):
+        assert time.time() < deadline, "the training made no staging folder"
+        time.sleep(0.1)
+    return new[0]
+
+
+def _stop_training(base: str) -> None:
+    """DELETE /train/, as 3D Slicer's stop button: MONAI Label kills the training (SIGKILL)."""
+    status, _, body = _request(f"{base}/train/", "DELETE")
+    assert status == 200 and json.loads(body)["status"] == "STOPPED", body
+
+
+def test_a_stopped_training_leaves_no_staging_folder_behind(trained, label_env, generalist, tmp_path):
+    """A killed training cannot remove its staging folder: the next training removes it before it
+    starts, and so does a server's start; a folder a running training holds (here this test's, as
+    another server's training on the bundle) is kept."""
+    from scripts.common.files import held_folder, release_folder
+
+    base, bundle, studies, *_ = trained
+    models = bundle / "models"
+    in_use, hold = held_folder(models, ".train-")
+    try:
+        stopped = _start_training(base, models, {in_use})
+        _stop_training(base)
+        assert stopped.is_dir()
+        again = _start_training(base, models, {in_use, stopped})
+        assert not stopped.exists() and in_use.is_dir()
+        _stop_training(base)
+        assert again.is_dir()
+        env = {"MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
+        _, log, proc = _start_server(label_env, generalist, bundle, studies, tmp_path / "server.log", env)
+        _stop(proc)
+        assert not again.exists() and in_use.is_dir()
+        assert f"removed {again}, left by a training that was stopped or killed" in _text(log)
+    finally:
+        release_folder(in_use, hold)
+
+
 def test_server_stops_cleanly(server):
     base, *_, log, proc = server
     proc.send_signal(signal.SIGINT)
