@@ -32,15 +32,23 @@ What this adds to MONAI Label's bundle tasks, and why:
   (inference reads that recipe through the bundle's own ``inference.yaml``); the new
   ``model.pt``'s record of the images that trained the prompts keeps those of the old one;
 - a ``/train`` replaces the served ``model.pt`` only if its prompts score at least as well:
-  the run writes them beside it, then the served and the new prompts are scored by
-  ``train.yaml``'s validation (mean Dice) on that run's validation images, in the same process,
-  and the new ones are published only where they score at least as high (MONAI Label would
-  overwrite a good specialist with whatever a short run on a few corrections gave). With nothing
-  served, or a ``model.pt`` that cannot be read, the new prompts are published; with no
-  validation images the served ``model.pt`` is kept (nothing shows the new prompts are not
-  worse). The train option ``publish: always`` publishes in every case. The outcome (both Dice
-  values, ``kept``: ``served`` or ``new``, and why) is logged, is the task's result (the last
-  lines of ``GET /train/``), and stays in ``/info``'s ``train_stats`` (``models/train_stats.json``).
+  the run writes them beside it (in a hidden ``.train-*`` folder its process holds while it runs:
+  one that a stopped or killed training leaves is removed by the next training, or when the
+  server starts), then the served and the new prompts are scored by
+  ``train.yaml``'s validation (mean Dice), in the same process, and the new ones are published
+  only where they score at least as high (MONAI Label would overwrite a good specialist with
+  whatever a short run on a few corrections gave). They are compared on validation images held
+  out of the run that the served prompts did not train on or choose either (images labelled
+  since they were trained), else on the run's validation images, which chose the new prompts:
+  the outcome's ``comparison`` names the images and says whether it is unbiased, and why not.
+  With nothing served, or a ``model.pt`` that cannot be read, the new prompts are published;
+  with no validation images the served ``model.pt`` is kept (nothing shows the new prompts are
+  not worse). The train option ``publish: always`` publishes in every case. The outcome (both
+  Dice values, the comparison, ``kept``: ``served`` or ``new``, and why) is logged, is the
+  task's result (the last lines of ``GET /train/``), stays in ``/info``'s ``train_stats``
+  (``models/train_stats.json``), and is added to the training's MLflow run (metrics
+  ``publish_dice_served``, ``publish_dice_new``; tags ``publish_rule``, ``publish_kept``,
+  ``publish_unbiased``; ``publish_outcome.json``).
   ``pretrained: false`` starts from untrained prompts (MONAI Label 0.8.5 fails on it);
 - a ``model.pt`` that cannot be read (a truncated copy, a garbled record) does not stop the
   server: the log names the file and the error, inference answers 409 with them until it is
@@ -77,6 +85,7 @@ import sys
 import tempfile
 import threading
 import types
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -430,6 +439,18 @@ class PTSAMInferTask(BundleInferTask):
 
 PUBLISH_RULES = ("if_not_worse", "always")  # the train option `publish`; the first is the default
 STATS_FILE = "train_stats.json"  # beside model.pt, where MONAI Label's own train tasks keep theirs
+STAGING = ".train-"  # a train's folder for its prompts, beside model.pt; hidden: MONAI Label offers no file of it
+TRAIN_TAG = "monailabel_train"  # on the MLflow run of a /train: which one it is, to add its outcome
+
+
+def _remove_stale_staging(bundle: str) -> None:
+    """Remove the staging folders of trainings that no longer run (stopped with DELETE /train,
+    which kills them, or killed otherwise); a running training holds its own (``held_folder``)."""
+    with _BundleImports(bundle):
+        from scripts.common.files import remove_unheld
+
+        for folder in remove_unheld(_model_file(bundle).parent, STAGING):
+            logger.info("removed %s, left by a training that was stopped or killed", folder)
 
 
 def _publish_rule(request: dict) -> str:
@@ -452,6 +473,11 @@ class PTSAMTrainTask(BundleTrainTask):
         self._candidate: Path | None = None  # where this train's prompts are written
         self._run_overrides: dict[str, Any] = {}  # what the run was given, for scoring alike
         self._split_group: str | None = None  # this train's split_group (the request's, else train.yaml's)
+        self._rule = PUBLISH_RULES[0]
+        self._validation: list = []  # the validation images MONAI Label's split gave this train
+        self._held_out: list = []  # of those, the ones kept out of the run to compare the prompts on
+        self._why_none_held = ""  # why none could be
+        self._train_id = ""  # this train's MLflow run carries it (TRAIN_TAG)
         super().__init__(path, conf)
 
     def _load_bundle_config(self, path: str, config: str):
@@ -469,7 +495,8 @@ class PTSAMTrainTask(BundleTrainTask):
 
     def stats(self) -> dict[str, Any]:
         """The last train's outcome (/info's ``train_stats``): the Dice of the served and the new
-        prompts on that train's validation images, and which model.pt is served now."""
+        prompts, the images they were compared on and whether that is unbiased, and which model.pt
+        is served now."""
         try:
             return json.loads((_model_file(self.bundle_path).parent / STATS_FILE).read_text())
         except (OSError, ValueError):
@@ -480,7 +507,8 @@ class PTSAMTrainTask(BundleTrainTask):
         if (chosen if isinstance(chosen, str) else chosen[0]) != MODEL_FILE:
             # The run would start from that file's prompts with model.pt's recipe, and overwrite model.pt.
             raise ValueError(f"model_filename {chosen!r}: this server trains {MODEL_FILE} only")
-        rule = _publish_rule(request)
+        rule = self._rule = _publish_rule(request)
+        self._train_id = uuid.uuid4().hex
         served = _model_file(self.bundle_path)
         self._served_problem = _read_served(self.bundle_path)[1]
         if self._served_problem:
@@ -489,22 +517,22 @@ class PTSAMTrainTask(BundleTrainTask):
                 "prompts replace that file",
                 self._served_problem,
             )
-        # In models/ (one file system: the new prompts replace model.pt atomically); hidden, so
-        # that MONAI Label offers no file of it.
-        work = Path(tempfile.mkdtemp(prefix=".train-", dir=served.parent))
+        # In models/ (one file system: the new prompts replace model.pt atomically), held by this
+        # process while it lives: a killed training's is removed by the next one, or at start-up.
+        _remove_stale_staging(self.bundle_path)
+        with _BundleImports(self.bundle_path):
+            from scripts.common.files import held_folder, release_folder
+
+            work, hold = held_folder(served.parent, STAGING)
         self._candidate = work / MODEL_FILE
         try:
             super().__call__(request, datastore)
             if not self._candidate.is_file():
                 raise RuntimeError(f"the training wrote no prompts ({self._candidate}); {served} is unchanged")
             outcome = self._publish(rule)
-            # Folders of trainings that were stopped (DELETE /train): this run held models/ (the
-            # bundle's claim on its ckpt_dir), so no other training is writing there.
-            for stale in served.parent.glob(".train-*"):
-                if stale != work:
-                    shutil.rmtree(stale, ignore_errors=True)
+            outcome["mlflow_run"] = self._track(outcome)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            release_folder(work, hold)
         with _BundleImports(self.bundle_path):
             from scripts.common.files import atomic_write
 
@@ -516,37 +544,40 @@ class PTSAMTrainTask(BundleTrainTask):
         """Replace model.pt with the new prompts unless they score below the served ones.
 
         The rule (``publish``, default ``if_not_worse``): both prompt files are scored by
-        train.yaml's validation (its key metric, mean Dice) on this train's validation images, in
-        this process, and the new prompts replace model.pt only where they score at least as well
-        (a tie publishes them: they were trained on the newer labels). Nothing served, or a
-        model.pt that cannot be read: the new prompts are published. No validation images: the
-        served model.pt is kept, since nothing shows the new prompts are not worse (label more
-        images, or raise val_split). ``always`` publishes in every case, scored where it can be."""
+        train.yaml's validation (its key metric, mean Dice), in this process, and the new prompts
+        replace model.pt only where they score at least as well (a tie publishes them: they were
+        trained on the newer labels). They are compared on the validation images held out of the
+        run (``_update_overrides``): neither set of prompts trained on or chose them. Where none
+        could be held out, on the run's validation images, which chose the new prompts' best
+        epoch: the outcome says the comparison is biased toward them, and why no image was
+        unbiased. Nothing served, or a model.pt that cannot be read: the new prompts are
+        published. No validation images: the served model.pt is kept, since nothing shows the new
+        prompts are not worse (label more images, or raise val_split). ``always`` publishes in
+        every case, scored where it can be."""
         served, candidate = _model_file(self.bundle_path), self._candidate
-        images = list(self._run_overrides.get("validate#dataset#data") or [])
         outcome: dict[str, Any] = {
-            "model": str(served), "publish": rule, "validation_images": len(images),
-            "served_dice": None, "new_dice": None,
+            "model": str(served), "publish": rule, "validation_images": len(self._validation),
+            "comparison": None, "served_dice": None, "new_dice": None,
         }  # fmt: skip
         if not served.is_file():
             publish, reason = True, "no model.pt was served"
         elif self._served_problem:
             publish, reason = True, f"the served one cannot be read ({self._served_problem})"
-        elif not images:
+        elif not self._validation:
             publish = rule == "always"
             advice = "; publish: always" if publish else " (label more images, raise val_split, or publish: always)"
             reason = f"no validation images, so the new prompts could not be compared with the served ones{advice}"
         else:
+            outcome["comparison"] = comparison = self._comparison(served)
+            images = self._held_out or self._validation
             outcome["served_dice"], outcome["new_dice"] = self._score([served, candidate], images)
             better = outcome["new_dice"] >= outcome["served_dice"]
             publish = better or rule == "always"
             reason = (
                 f"validation mean Dice on {len(images)} image(s): served {outcome['served_dice']:.4f}, "
                 f"new {outcome['new_dice']:.4f}" + ("" if better else "; publish: always" if publish else "")
-            )
-            seen = self._trained_on(served, images)
-            if seen:  # the split moves as images are added: the served prompts may have trained on these
-                reason += f" ({seen} of these trained the served prompts: its score is optimistic)"
+                + f"; compared on {comparison['basis']}"
+            )  # fmt: skip
         if publish:
             os.replace(candidate, served)
         outcome.update(published=publish, kept="new" if publish else "served", reason=reason)
@@ -554,29 +585,91 @@ class PTSAMTrainTask(BundleTrainTask):
         (logger.info if publish else logger.warning)(message, served, reason)
         return outcome
 
-    def _trained_on(self, model: Path, images: list) -> int:
-        """How many of ``images`` the split record of ``model`` lists as having trained its prompts."""
+    def _comparison(self, served: Path) -> dict[str, Any]:
+        """Which images the served and the new prompts are compared on, and whether that is unbiased."""
+        images = self._held_out or self._validation
+        names = [os.path.basename(str(item["image"])) for item in images]
+        if self._held_out:
+            basis = "images held out of this run's validation, which neither set of prompts trained on or chose"
+            return {"images": names, "unbiased": True, "basis": basis}
+        why = self._why_none_held or f"publish: {self._rule} holds none out"
+        if self._why_none_held:  # the rule: images left out of both sets of prompts exist only thus
+            why += (
+                "; MONAI Label gives every labelled image to the run's training or validation, so only validation "
+                "images labelled since the served prompts were trained can be held out, one in two at most"
+            )
+        basis = (
+            "this run's validation images, which chose the new prompts' best epoch: biased toward the new "
+            f"prompts (no image could be held out: {why})"
+        )
         with _BundleImports(self.bundle_path):
             from scripts.engine.splits import image_id
             from scripts.model.prompt_file import read_split
 
-            trained = {digest for _, digest in (read_split(model) or {}).get("training", [])}
-            return sum(image_id(item["image"]) in trained for item in images)
+            split = read_split(served) or {}
+            seen = {digest for role in ("training", "validation") for _, digest in split.get(role, [])}
+            optimistic = sum(image_id(item["image"]) in seen for item in images)
+        if optimistic:  # the split moves as images are added: the served prompts may have seen these
+            basis += f"; {optimistic} of them trained or chose the served prompts: its score is optimistic too"
+        return {"images": names, "unbiased": False, "basis": basis}
+
+    def _parser(self, **more: Any) -> Any:
+        """train.yaml as the run was configured (call with the bundle's scripts importable)."""
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_meta(self.bundle_metadata_path)
+        parser.read_config(self.bundle_config_path)
+        parser.update({**self._run_overrides, **more})
+        return parser
+
+    def _track(self, outcome: dict[str, Any]) -> str | None:
+        """The outcome in the training's MLflow run (the bundle's tracking closed it when training
+        ended): the Dice values as ``publish_dice_served`` and ``publish_dice_new``, the rule, the
+        decision and whether the comparison was unbiased as ``publish_*`` tags, and the whole
+        outcome as ``publish_outcome.json``. Returns the run's id; None, said in the log, where it
+        cannot be written (model.pt is published or kept by then either way)."""
+        with _BundleImports(self.bundle_path):
+            from scripts.common.flags import flag
+
+            parser = self._parser()
+            if not flag(parser.get_parsed_content("tracking_enabled")):
+                return None
+            uri, experiment = parser.get_parsed_content("tracking_uri"), parser.get_parsed_content("experiment_name")
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri)
+            found = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([found.experiment_id], f"tags.{TRAIN_TAG} = '{self._train_id}'") if found else []
+            if not runs:
+                logger.warning(
+                    "no MLflow run of this training in %s (%s): the outcome is not recorded there", uri, experiment
+                )
+                return None
+            run = runs[0].info.run_id
+            for key in ("served", "new"):
+                if outcome[f"{key}_dice"] is not None:
+                    client.log_metric(run, f"publish_dice_{key}", outcome[f"{key}_dice"])
+            comparison = outcome["comparison"] or {}
+            tags = {"rule": outcome["publish"], "kept": outcome["kept"], "unbiased": comparison.get("unbiased")}
+            for key, value in tags.items():
+                client.set_tag(run, f"publish_{key}", "none" if value is None else str(value).lower())
+            client.log_text(run, json.dumps(outcome, indent=2), "publish_outcome.json")
+            return run
+        except Exception as err:  # noqa: BLE001 (a store that fails now: said, the decision stands)
+            logger.warning("the outcome could not be recorded in MLflow run of this training in %s: %s", uri, err)
+            return None
 
     def _score(self, files: list[Path], images: list) -> list[float]:
         """Each prompt file's key metric on ``images``, by train.yaml's validation as the run was
         configured (recipe, network, device), with one network and evaluator for all files."""
-        from monai.bundle import ConfigParser
-
         with _BundleImports(self.bundle_path):
             from scripts.engine.distributed import unwrap
             from scripts.model.prompt_file import load_prompts
 
-            parser = ConfigParser()
-            parser.read_meta(self.bundle_metadata_path)
-            parser.read_config(self.bundle_config_path)
             # Scored outside the run: nothing of it is tracked, and no handler of the training attaches.
-            parser.update({**self._run_overrides, "validate#dataset#data": images, "tracking_enabled": False})
+            parser = self._parser(**{"validate#dataset#data": images, "tracking_enabled": False})
             evaluator = parser.get_parsed_content("validate#evaluator")
             network = unwrap(parser.get_parsed_content("network"))
             metric = next(iter(parser.get("validate#key_metric")))
@@ -648,12 +741,41 @@ class PTSAMTrainTask(BundleTrainTask):
         overrides.update({**self.overrides, **trained["network"], **recipe, "resume": False})
         overrides["model_path"] = str(self._candidate)  # published by _publish, or not
         overrides["split_group"] = self._split_group  # recorded in model.pt's split; its summary counts patients
+        # The run is found by this tag to record the outcome in it (_track), once it has ended.
+        tags = {**(self.bundle_config.get("tracking_run#tags") or {}), TRAIN_TAG: self._train_id}
+        overrides["tracking_run#tags"] = tags
+        self._hold_out(overrides)
         # The new prompts continue those of model.pt: the images that trained or chose them are in
         # the new model.pt's record of its split too (evaluation refuses them as test images).
         loader = _checkpoint_loader(overrides.get("train#handlers", []))
         if loader is not None:
             overrides["split_record#started_from"] = loader["load_path"]
         self._run_overrides = dict(overrides)
+
+    def _hold_out(self, overrides: dict[str, Any]) -> None:
+        """Where the new prompts are to be compared with readable served ones to decide, keep the
+        validation images that neither trained on or chose out of the run (at most half of them:
+        the rest choose its best epoch; ``splits.comparison_images``). MONAI Label's split gives
+        every labelled image to the run's training or validation, so such images are those
+        labelled since the served prompts were trained; without them the comparison is on images
+        that chose the new prompts, and says so."""
+        self._validation = list(overrides.get("validate#dataset#data") or [])
+        self._held_out, self._why_none_held = [], ""
+        served = _model_file(self.bundle_path)
+        if self._rule != "if_not_worse" or not self._validation or not served.is_file() or self._served_problem:
+            return
+        with _BundleImports(self.bundle_path):
+            from scripts.engine.splits import comparison_images
+
+            training = overrides.get("train#dataset#data") or []
+            self._held_out, self._why_none_held = comparison_images(served, training, self._validation)
+        if self._held_out:
+            overrides["validate#dataset#data"] = [item for item in self._validation if item not in self._held_out]
+            logger.info(
+                "%d of the %d validation image(s) are held out of this run, to compare its prompts with %s's: %s",
+                len(self._held_out), len(self._validation), served,
+                ", ".join(os.path.basename(str(item["image"])) for item in self._held_out),
+            )  # fmt: skip
 
 
 class PTSAMApp(MONAILabelApp):
@@ -663,6 +785,7 @@ class PTSAMApp(MONAILabelApp):
         self.overrides = bundle_overrides(conf)
         if not (Path(self.bundle) / "configs" / "inference.yaml").is_file():
             raise ValueError(f"{self.bundle}: not a PTSAM bundle (no configs/inference.yaml)")
+        _remove_stale_staging(self.bundle)
         self.infer_overrides = {**self.overrides, **engine_overrides(self.bundle, conf)}
         if not _model_file(self.bundle).is_file():  # (an unreadable one is reported by init_infers)
             logger.warning(

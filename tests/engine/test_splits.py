@@ -14,7 +14,7 @@ from PIL import Image
 
 from helpers import quiet
 from scripts.demo.synthetic import ct_affine, ct_case, write_dicom_series
-from scripts.engine.splits import HeldOutError, check_evaluation, image_id, record
+from scripts.engine.splits import HeldOutError, check_evaluation, comparison_images, image_id, record
 from scripts.model.network import PTSAM
 from scripts.model.prompt_file import SPLIT_KEY, load_prompts, read_split, save_prompts
 
@@ -137,3 +137,39 @@ def test_the_record_keeps_split_group_and_the_refusal_names_it(tmp_path, folder)
     older = save_prompts(quiet(PTSAM, "tiny"), tmp_path / "older.pt", split=before_groups)
     with pytest.raises(HeldOutError, match="trained by an earlier bundle, whose split did not keep a case's"):
         check_evaluation(older, folder["training"][:1], "test", 0.2, 0.1)
+
+
+def test_a_comparison_holds_out_validation_images_neither_prompts_saw(tmp_path, folder):
+    """MONAI Label compares new prompts with the served ones on validation images that neither
+    trained on or chose: not in the served record, not repeating a training image by content, and
+    at most half of the validation images (the rest choose the new prompts' best epoch)."""
+    served = _model(tmp_path, record(tmp_path / "data", folder["training"], folder["validation"], 0.2, 0.1))
+    new = [_png(tmp_path / "new" / f"new{i}.png", seed=10 + i) for i in range(3)]
+    # the served prompts' validation image, and two labelled since: one of three can be held out
+    held, why = comparison_images(served, folder["training"][:2], folder["validation"] + new[:2])
+    assert held == new[:1] and why == ""
+    held, _ = comparison_images(served, folder["training"], folder["validation"] + folder["test"] + new)
+    assert held == folder["test"] + new[:1]
+    # a copy of a training image under another name trained the new prompts
+    copy = tmp_path / "new" / "copy.png"
+    shutil.copy(new[0]["image"], copy)
+    copied = {"image": str(copy), "label": str(copy)}
+    assert comparison_images(served, [new[0]], [copied, new[1], *folder["validation"]])[0] == new[1:2]
+    # two copies in the validation: the one left in chooses the new prompts, so neither is held out
+    assert comparison_images(served, [], [new[0], copied, *folder["validation"]]) == (
+        [],
+        f"each validation image trained or chose the prompts in {served}, or repeats an image of this training",
+    )
+    assert comparison_images(served, [], new[:1]) == (
+        [],
+        "the only validation image is needed to choose the new prompts' best epoch",
+    )
+    assert comparison_images(served, [], []) == ([], "there are no validation images")
+
+    unknown = _model(tmp_path, None)  # what trained these prompts is unknown: no image is known unseen
+    assert comparison_images(unknown, [], new)[0] == []
+    assert "records no split" in comparison_images(unknown, [], new)[1]
+    partial = record(tmp_path / "data", folder["training"], [], 0.2, 0.2, started_from=unknown)
+    partial_path = save_prompts(quiet(PTSAM, "tiny"), tmp_path / "partial.pt", split=partial)
+    held, why = comparison_images(partial_path, [], new)
+    assert held == [] and "record of its split is incomplete" in why and "records no split" in why

@@ -270,6 +270,23 @@ def _runs(bundle: Path) -> list:
     )
 
 
+def _assert_tracked(bundle: Path, outcome: dict) -> None:
+    """The train's outcome is in its MLflow run: Dice values as metrics, the decision as tags."""
+    run = _runs(bundle)[0]  # the newest: this train's
+    for key in ("served", "new"):
+        if outcome[f"{key}_dice"] is None:
+            assert f"publish_dice_{key}" not in run.data.metrics
+        else:
+            assert run.data.metrics[f"publish_dice_{key}"] == pytest.approx(outcome[f"{key}_dice"], abs=1e-6)
+    unbiased = str(outcome["comparison"]["unbiased"]).lower() if outcome["comparison"] else "none"
+    assert {key: run.data.tags.get(f"publish_{key}") for key in ("rule", "kept", "unbiased")} == {
+        "rule": outcome["publish"],
+        "kept": outcome["kept"],
+        "unbiased": unbiased,
+    }
+    assert outcome["mlflow_run"] == run.info.run_id and run.info.status == "FINISHED", outcome
+
+
 def test_infer_train_infer(trained, generalist, tmp_path):
     """What briefly trained prompts predict depends on the machine's rounding: the server's answers
     are compared with the bundle's own inference of the same model.pt, not with a number."""
@@ -298,6 +315,18 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     assert outcome["published"] and outcome["kept"] == "new" and outcome["validation_images"] == 1, outcome
     assert outcome["new_dice"] > outcome["served_dice"], outcome
     assert f"published the new prompts as {model}: validation mean Dice on 1 image(s)" in _text(log)
+    # Every labelled image trained or chose the served prompts, and the one validation image chose
+    # the new ones: the comparison says it is biased, and why no image could be held out.
+    comparison = outcome["comparison"]
+    assert len(comparison["images"]) == 1 and comparison["unbiased"] is False, outcome
+    assert (
+        "biased toward the new prompts (no image could be held out: each validation image trained"
+        in (comparison["basis"])
+    )
+    assert "1 of them trained or chose the served prompts" in comparison["basis"]
+    assert (
+        "only validation images labelled since the served prompts were trained can be held out" in (comparison["basis"])
+    )
 
     after = tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_after.tif"))
     assert after.shape == tiff.shape and set(np.unique(after)) <= {0, 1} and after.any()  # trained: cells found
@@ -339,9 +368,11 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     assert not outcome["published"] and outcome["kept"] == "served", outcome
     assert outcome["served_dice"] > outcome["new_dice"] and outcome["served_dice"] >= 0.5, outcome
     assert f"kept the served {model}: validation mean Dice on 1 image(s)" in _text(log)
+    _assert_tracked(bundle, outcome)
     outcome = _train(base, log, val_split=0)
     assert _sha(model) == trained_sha and outcome["kept"] == "served" and outcome["validation_images"] == 0
     assert outcome["served_dice"] is None and "no validation images" in outcome["reason"]
+    _assert_tracked(bundle, outcome)
     assert _dice(tifffile.imread(_infer_file(base, "cells_000", tmp_path, "_kept.tif")), after) == 1.0
 
     # A second /train is a new run from the new model.pt, not a resumed (finished) first run,
@@ -355,6 +386,10 @@ def test_infer_train_infer(trained, generalist, tmp_path):
     outcome = _train(base, log, publish="always")
     assert _sha(model) != trained_sha and "resumed from" not in _text(log)
     assert outcome["published"] and outcome["publish"] == "always" and outcome["new_dice"] is not None
+    assert (
+        outcome["comparison"]["unbiased"] is False
+        and "publish: always holds none out" in (outcome["comparison"]["basis"])
+    )
     runs = _runs(bundle)
     assert len(runs) == earlier_runs + 4 and runs[0].data.params["a_min"] == "-100.0"
     assert read_recipe(model)["a_min"] == -100.0
@@ -433,6 +468,38 @@ def test_train_keeps_a_patient_in_training_or_validation(label_env, tmp_path):
     assert answers["options"] == ""  # a train option (3D Slicer's panel), train.yaml's null by default
     assert answers["bad_pattern"].startswith("split_group '(pat': not a regular expression")
     assert "pat03_ax: split_group '^(pat0[12])_' names no group in its name 'pat03_ax'" in answers["unmatched"]
+
+
+def test_the_comparison_holds_out_images_labelled_since_the_served_prompts(trained, tmp_path):
+    """Images labelled since the served prompts were trained: one of the three validation images
+    is held out of the run (the other two choose its best epoch), and the served and the new
+    prompts are compared on it, which neither trained on or chose: an unbiased comparison."""
+    from scripts.demo.synthetic import generate
+
+    base, bundle, studies, _, log, _ = trained
+    generate(str(tmp_path / "more"), seed=5, n_train=2, n_val=0, n_test=0, modalities="microscopy")
+    added = [studies / f"later_{i}.tif" for i in range(2)]
+    try:
+        for i, image in enumerate(added):  # the datastore lists them after the others: validation images
+            shutil.copy(
+                tmp_path / "more" / "microscopy" / "labelsTr" / f"cells_{i:03d}.tif",
+                studies / "labels" / "final" / image.name,
+            )
+            shutil.copy(tmp_path / "more" / "microscopy" / "imagesTr" / f"cells_{i:03d}.tif", image)
+        outcome = _train(base, log, val_split=0.5)  # six labelled images: three train, three validate
+    finally:
+        for image in added:
+            image.unlink(missing_ok=True)
+            (studies / "labels" / "final" / image.name).unlink(missing_ok=True)
+    assert outcome["validation_images"] == 3, outcome
+    held = outcome["comparison"]["images"]  # the first of them the datastore lists (in the folder's order)
+    assert held in (["later_0.tif"], ["later_1.tif"]) and outcome["comparison"]["unbiased"] is True, outcome
+    assert "neither set of prompts trained on or chose" in outcome["reason"]
+    assert "validation mean Dice on 1 image(s)" in outcome["reason"] and outcome["served_dice"] is not None
+    text = _text(log)
+    assert "1 of the 3 validation image(s) are held out of this run" in text
+    assert "training on 3 image(s); 2 validation image(s) choose the best epoch" in text
+    _assert_tracked(bundle, outcome)
 
 
 def test_bad_input_gets_a_message_and_the_server_keeps_serving(trained):
@@ -755,6 +822,50 @@ def test_start_refuses_a_bad_cors_origin(label_env, tmp_path):
         timeout=60,
     )
     assert done.returncode != 0 and "--cors-origins: 'viewer.example': not an origin" in done.stderr
+
+
+def _start_training(base: str, models: Path, known: set) -> Path:
+    """POST a long /train; once it runs, its staging folder beside model.pt."""
+    request = json.dumps({"max_epochs": 1000}).encode()
+    status, _, body = _request(f"{base}/train/ptsam", "POST", request, {"Content-Type": "application/json"})
+    assert status == 200, body
+    deadline = time.time() + 180
+    while not (new := [p for p in models.glob(".train-*") if p not in known]):
+        assert time.time() < deadline, "the training made no staging folder"
+        time.sleep(0.1)
+    return new[0]
+
+
+def _stop_training(base: str) -> None:
+    """DELETE /train/, as 3D Slicer's stop button: MONAI Label kills the training (SIGKILL)."""
+    status, _, body = _request(f"{base}/train/", "DELETE")
+    assert status == 200 and json.loads(body)["status"] == "STOPPED", body
+
+
+def test_a_stopped_training_leaves_no_staging_folder_behind(trained, label_env, generalist, tmp_path):
+    """A killed training cannot remove its staging folder: the next training removes it before it
+    starts, and so does a server's start; a folder a running training holds (here this test's, as
+    another server's training on the bundle) is kept."""
+    from scripts.common.files import held_folder, release_folder
+
+    base, bundle, studies, *_ = trained
+    models = bundle / "models"
+    in_use, hold = held_folder(models, ".train-")
+    try:
+        stopped = _start_training(base, models, {in_use})
+        _stop_training(base)
+        assert stopped.is_dir()
+        again = _start_training(base, models, {in_use, stopped})
+        assert not stopped.exists() and in_use.is_dir()
+        _stop_training(base)
+        assert again.is_dir()
+        env = {"MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
+        _, log, proc = _start_server(label_env, generalist, bundle, studies, tmp_path / "server.log", env)
+        _stop(proc)
+        assert not again.exists() and in_use.is_dir()
+        assert f"removed {again}, left by a training that was stopped or killed" in _text(log)
+    finally:
+        release_folder(in_use, hold)
 
 
 def test_server_stops_cleanly(server):

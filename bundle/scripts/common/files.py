@@ -1,7 +1,8 @@
 """Files a run writes: atomic writes (a file is written beside its target under a temporary name,
 then renamed, so an interrupted run never leaves a half-written model.pt, resume state, label or
 report), with the mode the user's umask gives; output folders checked before any work; one
-training at a time per checkpoint folder."""
+training at a time per checkpoint folder; working folders that say whether the process using
+them is still alive."""
 
 from __future__ import annotations
 
@@ -128,3 +129,55 @@ def lock_folder(folder: str | Path, what: str = "a training") -> Path:
     os.write(fd, f"process {os.getpid()}".encode())
     _LOCKS[folder] = fd
     return folder
+
+
+def held_folder(parent: str | Path, prefix: str) -> tuple[Path, int | None]:
+    """A new folder in ``parent``, named ``prefix`` and a random part, held by this process until
+    ``release_folder`` or its end (the kernel's ``flock`` on the folder: a killed process holds it no
+    more), so that ``remove_unheld`` never takes a folder still in use. Without ``fcntl``
+    (Windows) it is not held: the descriptor is None."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    if fcntl is None:
+        return folder, None
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new: nobody else holds it yet
+    return folder, fd
+
+
+def release_folder(folder: str | Path, fd: int | None) -> None:
+    """Remove a ``held_folder``, then let it go."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_unheld(parent: str | Path, prefix: str) -> list[Path]:
+    """Remove the folders ``prefix*`` in ``parent`` that no process holds (``held_folder``): left by
+    a process that was killed, or by a bundle from before they were held. Returns them. Without
+    ``fcntl`` (Windows) whether one is in use cannot be told: nothing is removed."""
+    import shutil
+
+    removed: list[Path] = []
+    if fcntl is None or not Path(parent).is_dir():
+        return removed
+    for folder in sorted(Path(parent).glob(f"{prefix}*")):
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            if not folder.is_dir():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    continue  # in use
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed

@@ -17,6 +17,10 @@ warning that this cannot be checked. A record may be incomplete, and then says s
 MONAI Label continues the prompts of the previous ``model.pt`` (whose record it carries over), a
 federated site's prompts also learned from other sites' images. Evaluation reports the outcome
 as ``status``: checked | partial | unchecked (MLflow's ``split_check`` tag).
+
+MONAI Label compares a new training's prompts with the served ``model.pt``'s before it replaces
+it: ``comparison_images`` picks, from the new training's validation images, those that neither set
+of prompts trained on or chose, to be held out of that training for the comparison.
 """
 
 from __future__ import annotations
@@ -137,6 +141,38 @@ def _seen(split: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
             if digest:
                 seen[digest] = (role, name)
     return seen
+
+
+def comparison_images(
+    served: str | Path, training: Sequence[Mapping[str, Any]], validation: Sequence[Mapping[str, Any]]
+) -> tuple[list[Mapping[str, Any]], str]:
+    """The validation images of a training that continues (or replaces) the prompts in ``served``
+    to hold out of that training, so that both sets of prompts can be compared on images neither
+    trained on or chose: those of ``validation`` that ``served``'s record lists in neither role and
+    no image of ``training`` or of the rest of ``validation`` repeats (by content). At most half of
+    ``validation`` is held out: the rest chooses the new prompts' best epoch. Returns the images
+    (in ``validation``'s order) and, where there are none, why."""
+    if not validation:
+        return [], "there are no validation images"
+    split = read_split(served)
+    if split is None:
+        return [], f"{served} records no split, so which images trained or chose its prompts is unknown"
+    if split.get("notes"):
+        return [], f"{served}'s record of its split is incomplete ({'; '.join(split['notes'])})"
+    ids = [image_id(item["image"]) for item in validation]
+    seen = set(_seen(split)) | {image_id(item["image"]) for item in training}
+    counts = Counter(ids)
+    unseen = [
+        item
+        for item, digest in zip(validation, ids, strict=True)
+        if digest and digest not in seen and counts[digest] == 1
+    ]
+    held = unseen[: len(validation) // 2]
+    if held:
+        return held, ""
+    if unseen:
+        return [], "the only validation image is needed to choose the new prompts' best epoch"
+    return [], f"each validation image trained or chose the prompts in {served}, or repeats an image of this training"
 
 
 def _settings(values: tuple) -> str:
