@@ -180,10 +180,10 @@ def _refuse_before_export(filepath: str, config_file: str, overrides: dict[str, 
     here), and no trained prompts yet (said as inference says it)."""
     from monai.bundle import ConfigParser
 
-    from .common.options import OptionError, unknown_overrides
+    from .common.options import OptionError, override_problems
     from .engine.handlers import require_prompts
 
-    unknown = unknown_overrides(overrides, sorted(ConfigParser.load_config_files(config_file)))
+    unknown = override_problems(ConfigParser.load_config_files(config_file), overrides)
     if unknown:
         raise OptionError(f"unknown knob(s), defined by none of {config_file}:\n  " + "\n  ".join(unknown))
     model_path = Path(_parser(config_file, overrides).get_parsed_content("model_path"))

@@ -140,6 +140,8 @@ def test_export_refuses_to_overwrite_the_trained_prompts_and_unknown_knobs(tmp_p
     # a misspelt knob would otherwise be ignored (here: the default models/ folder's prompts)
     with pytest.raises(OptionError, match=r"--ckpt_dri \(did you mean --ckpt_dir\?\)"):
         quiet(main, str(tmp_path / "model.ts"), config, sam_variant="tiny", ckpt_dri=str(tmp_path / "models"))
+    with pytest.raises(OptionError, match=r"--network_def#n_md_prompt: not a parameter of scripts\.model\.PTSAM"):
+        quiet(main, str(tmp_path / "model.ts"), config, sam_variant="tiny", **{"network_def#n_md_prompt": 4})
     assert not (tmp_path / "model.ts").exists()
 
 

@@ -18,7 +18,7 @@ from monai.bundle import ConfigParser
 from helpers import BUNDLE, monai_bundle, training_until_first_epoch
 from scripts.common.errors import chain
 from scripts.common.files import check_writable
-from scripts.common.options import OptionError, problems
+from scripts.common.options import OptionError, override_problems, problems
 from scripts.demo.synthetic import generate
 from scripts.engine.resume import check_state
 
@@ -286,6 +286,71 @@ def test_a_misspelt_knob_is_refused_not_ignored(synthetic, tmp_path):
         done = monai_bundle("run", run_id, "--config_file", files, *common, typo, "2")
         assert done.returncode != 0
         assert _last_lines(done) == [f"  {typo} (did you mean {meant}?)"]
+
+
+def test_a_misspelt_nested_id_is_refused_before_any_work(synthetic, tmp_path):
+    # MONAI adds each as a new key of its section and passes it to the target: the run failed
+    # only when it built it, after claiming ckpt_dir, with MONAI's traceback
+    typos = ["--train#trainer#max_epoch", "3", "--network_def#n_md_prompt", "4", "--validate::inferer::batchsize", "2"]
+    right = ["--train#trainer#max_epochs", "1", "--train#handlers#0#print_lr", "false"]
+    right += ["--network_def#backbone_seed", "1"]  # a parameter of PTSAM the config does not set
+    done = _train(synthetic, tmp_path, *right, *typos, "--tracking_enabled", "false")
+    assert done.returncode != 0
+    assert _last_lines(done, 4) == [
+        "Error: unknown knob(s) on the command line, defined by none of the configs:",
+        "  --train#trainer#max_epoch: not a parameter of SupervisedTrainer (did you mean --train#trainer#max_epochs?)",
+        "  --network_def#n_md_prompt: not a parameter of scripts.model.PTSAM (did you mean "
+        "--network_def#n_md_prompts or --network_def#n_ie_prompts?)",
+        "  --validate::inferer::batchsize: not a parameter of scripts.engine.inferers.make_inferer (did you mean "
+        "--validate#inferer#batch_size?)",
+    ]
+    assert not (tmp_path / "models").exists()  # refused before any work
+
+
+def test_nested_ids_are_checked_against_the_merged_configs_and_the_targets_parameters():
+    train = ConfigParser.load_config_files(str(BUNDLE / TRAIN))
+    config = ConfigParser.load_config_files([str(BUNDLE / TRAIN), str(BUNDLE / "configs/evaluate.yaml")])
+    right = {
+        "train#trainer#max_epochs": 1,
+        "train::handlers::0::print_lr": True,  # a list index
+        "train#trainer#epoch_length": 2,  # a parameter of SupervisedTrainer the config does not set
+        "validate#dataloader#pin_memory": True,  # monai's DataLoader passes **kwargs on
+        "network_def#_disabled_": False,
+        "validate#dataset#data": [],
+        "n_overlays": 0,  # evaluate.yaml's, merged over train.yaml
+        "_meta_#version": "1.0",  # the metadata is read from its own file
+        "loss": {"_target_": "torch.nn.BCEWithLogitsLoss"},  # in order: the next one goes into this one
+        "loss#pos_weight": None,
+        "meta_file": "configs/metadata.json",  # the workflow's own argument
+    }
+    assert override_problems(config, right, ["meta_file"]) == []
+    wrong = {
+        "train#handlers#8#print_lr": False,
+        "validate#handlers#3": None,  # evaluate.yaml's three
+        "train#trainr#max_epochs": 1,
+        "validate#key_metric#val_dice": None,
+        "train#preprocessing#transforms#0#keys": "image",
+        "seed#value": 1,
+        "loss#pos_weight": None,  # the configs' DiceBCELoss does not take it
+        "trian#trainer#max_epochs": 1,
+    }
+    assert override_problems(config, wrong) == [
+        "--train#handlers#8#print_lr: train#handlers is a list with indices 0 to 7",
+        "--validate#handlers#3: validate#handlers is a list with indices 0 to 2",
+        "--train#trainr#max_epochs: train has no trainr (did you mean --train#trainer?)",
+        "--validate#key_metric#val_dice: validate#key_metric has no val_dice (did you mean "
+        "--validate#key_metric#val_mean_dice?)",
+        "--train#preprocessing#transforms#0#keys: train#preprocessing#transforms#0 is @preprocessing_head: set "
+        "--preprocessing_head#keys instead",
+        "--seed#value: seed is a value (0), not a section: there is nothing under it to set",
+        "--loss#pos_weight: not a parameter of scripts.engine.losses.DiceBCELoss (did you mean --loss#bce_weight or "
+        "--loss#dice_weight?)",
+        "--trian#trainer#max_epochs (did you mean --train?)",
+    ]
+    # train.yaml alone: no validation handlers; a label map to fill (evaluate.yaml's null: as trained)
+    assert override_problems(train, {"validate#handlers#0": None, "label_map#255": 1}) == [
+        "--validate#handlers#0: validate#handlers is a list with no items"
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")

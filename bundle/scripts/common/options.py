@@ -5,11 +5,14 @@ would otherwise fail far from its cause ("'<' not supported between 'str' and 'i
 got an empty parameter list"). The configs list their knobs in an ``options`` section and the
 ``initialize`` step calls ``check`` on it first. ``check`` also refuses a command-line override
 of an id no config defines (``--epoch 3`` for ``--epochs 3``): MONAI adds such an id silently and
-nothing reads it, so the run would go on with the default.
+nothing reads it, so the run would go on with the default. A misspelt key under a section is
+refused the same way (``--train#trainer#max_epoch 3``: MONAI would pass it to SupervisedTrainer
+and stop only when it builds it, after the run has started, with a traceback).
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import math
@@ -220,6 +223,124 @@ def unknown_overrides(given: Mapping[str, Any] | Sequence[str], known: Sequence[
     return found
 
 
+# What MONAI's ConfigComponent reads itself rather than passing to the target.
+_SPECIAL_KEYS = frozenset({"_target_", "_disabled_", "_requires_", "_mode_", "_desc_"})
+
+
+def override_problems(
+    config: Mapping[str, Any], given: Mapping[str, Any] | Sequence[str], also_known: Sequence[str] = ()
+) -> list[str]:
+    """Each id of ``given`` that would land where nothing reads it, checked against the merged
+    ``config`` (MONAI's ``set`` creates missing sections and keys silently): a top-level id none
+    of ``config`` and ``also_known`` names (as ``unknown_overrides`` says it), and a nested one
+    (``a#b#c``, ``a::b::c``) whose parent is missing, a value, or a list it indexes past, or whose
+    leaf is neither a key of its section nor a parameter of the section's ``_target_``. Ids
+    under ``_meta_`` (read from the metadata file, free-form) pass. Overrides are applied in
+    order, so one may set a section that a later one goes into."""
+    from monai.bundle.config_item import ComponentLocator
+
+    tree = copy.deepcopy(dict(config))
+    locator = ComponentLocator()  # MONAI's table of its short names (``SupervisedTrainer``)
+    found = []
+    for key in given:
+        parts = str(key).replace("::", "#").split("#")
+        if parts[0] == "_meta_" and len(parts) > 1:
+            continue
+        if len(parts) == 1:
+            wrong = unknown_overrides([key], sorted(set(tree) | set(also_known)))
+        elif parts[0] not in tree:
+            wrong = unknown_overrides([key], sorted(set(tree) | {"_meta_"}))
+        else:
+            problem = _nested_problem(tree, parts, locator)
+            wrong = [f"--{key}: {problem}"] if problem else []
+        found += wrong
+        if not wrong and isinstance(given, Mapping) and parts[0] in tree:
+            _set(tree, parts, given[key])
+    return found
+
+
+def _key(node: dict | list, part: str) -> Any:
+    """The key or index of ``node`` that the id part ``part`` names (a YAML key may be an int)."""
+    if isinstance(node, list):
+        return int(part)
+    return next((k for k in node if str(k) == part), part)
+
+
+def _set(tree: dict, parts: list[str], value: Any) -> None:
+    node: Any = tree
+    for part in parts[:-1]:
+        node = node[_key(node, part)]
+    node[_key(node, parts[-1])] = copy.deepcopy(value)
+
+
+def _suggest(word: str, names: Sequence[str], prefix: str) -> str:
+    close = difflib.get_close_matches(word, [n for n in names if n not in _SPECIAL_KEYS], n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(f'--{prefix}#{c}' for c in close)}?)" if close else ""
+
+
+def _nested_problem(tree: Mapping[str, Any], parts: list[str], locator: Any) -> str | None:
+    """Why the id ``parts`` (its top level in ``tree``) would be read by nothing, or None."""
+    node: Any = tree[parts[0]]
+    for depth in range(1, len(parts)):
+        here, part, leaf = "#".join(parts[:depth]), parts[depth], depth == len(parts) - 1
+        if isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                held = f"indices 0 to {len(node) - 1}" if node else "no items"
+                return f"{here} is a list with {held}"
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            keys = [str(k) for k in node]
+            if part in keys:
+                node = node[_key(node, part)]
+            elif not leaf:
+                return f"{here} has no {part}" + _suggest(part, keys, here)
+            elif "_target_" in node:
+                if part in _SPECIAL_KEYS:
+                    return None
+                names = _parameters(node, here, locator)
+                if names is None or part in names:
+                    return None
+                return f"not a parameter of {node['_target_']}" + _suggest(part, sorted(set(names) | set(keys)), here)
+            elif not node or part == "_target_":  # an empty mapping to fill; a section made a component
+                return None
+            else:
+                return f"{here} has no {part}" + _suggest(part, keys, here)
+        elif isinstance(node, str) and node.startswith("@"):
+            return f"{here} is {node}: set --{node[1:]}#{'#'.join(parts[depth:])} instead"
+        else:
+            return f"{here} is a value ({node!r}), not a section: there is nothing under it to set"
+    return None
+
+
+def _parameters(section: Mapping[str, Any], here: str, locator: Any) -> set[str] | None:
+    """The keyword parameters of the section's ``_target_``, resolved as MONAI resolves it (its
+    short names, then a dotted path) without calling anything; None (anything goes) where it
+    takes ``**kwargs`` or cannot be resolved so: a reference or expression, or an import that fails."""
+    import pydoc
+    import warnings
+
+    from monai.bundle.config_item import ConfigComponent
+
+    target = section["_target_"]
+    if not isinstance(target, str) or target.startswith(("@", "$", "%")):
+        return None
+    try:
+        with warnings.catch_warnings():  # MONAI warns of an ambiguous short name when it instantiates
+            warnings.simplefilter("ignore")
+            name = ConfigComponent(dict(section), id=here, locator=locator).resolve_module_name()
+        component = pydoc.locate(name)
+        signature = inspect.signature(component)  # a class: its __init__'s, without self
+    except Exception:  # a target that does not resolve fails where MONAI builds it
+        return None
+    if component is None:
+        return None
+    kinds = {p.kind for p in signature.parameters.values()}
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n for n, p in signature.parameters.items() if p.kind in keyword}
+
+
 def _command_line() -> tuple[Any, Mapping[str, Any]] | None:
     """(config files, overrides) of the ``monai.bundle`` run (``run``, ``run_workflow``) being
     initialised, read from MONAI's ``create_workflow`` up the stack; None where the workflow was
@@ -235,18 +356,18 @@ def _command_line() -> tuple[Any, Mapping[str, Any]] | None:
 
 
 def check_overrides() -> None:
-    """Refuse, before any work, a command-line id that none of the run's configs defines (a typo
-    MONAI would keep as a new id that nothing reads). Ids under a defined one (``train#...``) and
-    MONAI's own arguments pass."""
+    """Refuse, before any work, a command-line id that would land where nothing reads it (a typo
+    MONAI would keep as a new id): one none of the run's configs defines, and one under a defined
+    section that is neither a key there nor a parameter of its ``_target_``
+    (``override_problems``). MONAI's own arguments pass."""
     found = _command_line()
     if found is None:
         return
     from monai.bundle import ConfigParser, ConfigWorkflow
 
     files, given = found
-    known = set(ConfigParser.load_config_files(files)) | {"_meta_"}
-    known |= set(inspect.signature(ConfigWorkflow.__init__).parameters) - {"self", "override"}
-    problems = unknown_overrides(given, sorted(known))
+    workflow = set(inspect.signature(ConfigWorkflow.__init__).parameters) - {"self", "override"}
+    problems = override_problems(ConfigParser.load_config_files(files), given, sorted(workflow | {"_meta_"}))
     if problems:
         raise OptionError(
             "unknown knob(s) on the command line, defined by none of the configs:\n  " + "\n  ".join(problems)
