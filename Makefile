@@ -86,7 +86,7 @@ $(LABEL_VENV)/.installed: label/setup_env.sh pyproject.toml $(LABEL_VENV)/$(TORC
 
 # The MONAI Label server on 127.0.0.1:$(PORT) with bundle/ as its model `ptsam`; images in $(STUDIES).
 label: label-setup
-	@test -n "$(STUDIES)" || { echo "usage: make label STUDIES=<folder of images> [PORT=8000] [ENCODER_ENGINE=onnxruntime] [ENCODER_INT8=true] [ENCODER_BF16=true]"; exit 2; }
+	@test -n "$(STUDIES)" || { echo "usage: make label STUDIES=<folder of images> [PORT=8000] [ENCODER_ENGINE=onnxruntime] [ENCODER_INT8=true] [ENCODER_BF16=true] [ALLOW_OTHER_KIND=true]"; exit 2; }
 	$(LABEL_VENV)/bin/python label/start.py --studies "$(STUDIES)" --port $(PORT)
 
 clean:

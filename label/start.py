@@ -10,6 +10,9 @@ Inference's CPU fast paths (``--encoder-engine onnxruntime``, ``--encoder-int8 t
 ``ENCODER_BF16``, so `make label ENCODER_ENGINE=onnxruntime`): the image encoder exported once
 to ONNX and run there (``docs/benchmarks.md``); refused on a CUDA machine.
 
+``--allow-other-kind true`` (or ``ALLOW_OTHER_KIND``): segment images of another kind (2D image,
+3D volume) than ``model.pt``'s prompts were trained on, which inference refuses by default.
+
 Browsers: only the server's own origin and OHIF's development server (port 3000), each as
 http://localhost and http://127.0.0.1, may call the server from a web page (3D Slicer is no
 browser and needs none). ``--cors-origins`` (or ``CORS_ORIGINS``, so `make label CORS_ORIGINS=...`)
@@ -114,6 +117,11 @@ def main() -> None:
         help="true: the encoder in bfloat16 with --encoder-engine openvino, on a CPU with bfloat16 units "
         "(masks agree at Dice >= 0.98)",
     )
+    parser.add_argument(
+        "--allow-other-kind",
+        default=os.environ.get("ALLOW_OTHER_KIND", ""),
+        help="true: segment 2D images with prompts trained on volumes, or volumes with prompts trained on 2D images",
+    )
     args = parser.parse_args()
 
     studies = Path(args.studies).resolve()
@@ -134,7 +142,7 @@ def main() -> None:
         "--conf", "sam_variant", variant, "--conf", "sam_checkpoint", checkpoint,
         "--host", args.host, "--port", str(args.port),
     ]  # fmt: skip
-    for key in ("encoder_engine", "encoder_int8", "encoder_bf16"):
+    for key in ("encoder_engine", "encoder_int8", "encoder_bf16", "allow_other_kind"):
         value = getattr(args, key)
         if value:
             command += ["--conf", key, value]

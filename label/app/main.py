@@ -12,6 +12,10 @@ Configuration (``--conf KEY VALUE`` on ``monailabel start_server``; `make label`
   CT volume in about a quarter of the stock encoder's time). Checked at start-up: an unknown
   engine, a package this environment lacks, a CPU without bfloat16 units for ``encoder_bf16``,
   or a CUDA device stops the server with the reason. Training keeps PyTorch.
+- ``allow_other_kind``: ``true`` segments images of another kind (2D image, 3D volume) than
+  ``models/model.pt`` records its prompts were trained on; by default inference refuses them
+  (422, naming the image and both kinds), as the recipe fitted to one kind makes meaningless
+  masks of the other.
 
 What this adds to MONAI Label's bundle tasks, and why:
 
@@ -26,7 +30,8 @@ What this adds to MONAI Label's bundle tasks, and why:
 - a series' image info (which Next Sample's answer carries) names that file, as 3D Slicer
   names a download by it;
 - bad input is answered with an HTTP error that names the image and the problem (404 unknown
-  image or model, 415 unsupported file, 422 unreadable), where MONAI Label answers a bare 500;
+  image or model, 415 unsupported file, 422 unreadable or of another kind than model.pt's
+  prompts learned from), where MONAI Label answers a bare 500;
 - training never resumes an older run's state: every ``/train`` is a new MLflow-tracked run
   starting from the current ``model.pt``, with the preprocessing recipe recorded in it
   (inference reads that recipe through the bundle's own ``inference.yaml``); the new
@@ -135,6 +140,7 @@ logger = logging.getLogger(__name__)
 REPO_BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 BACKBONE_KEYS = ("sam_variant", "sam_checkpoint")
 ENGINE_KEYS = ("encoder_engine", "encoder_int8", "encoder_bf16")  # inference only: training refuses them
+INFER_KEYS = ("allow_other_kind",)  # inference only: images of another kind than model.pt's prompts learned from
 
 
 def bundle_overrides(conf: dict[str, str]) -> dict[str, Any]:
@@ -247,6 +253,7 @@ def _trained_recipe(bundle: str) -> dict[str, Any]:
 
         recipe = recorded_recipe(model) or dict(ADDED)
     recipe.pop("image_size", None)  # follows sam_variant
+    recipe.pop("image_kind", None)  # no knob: a training finds it from its own images
     return recipe
 
 
@@ -280,9 +287,10 @@ def _checkpoint_loader(handlers: list) -> dict | None:
 
 
 def _read_error(err: BaseException) -> BaseException | None:
-    """The bundle's image-reading error behind ``err`` (MONAI wraps it in transform errors)."""
+    """The bundle's error about the input image behind ``err`` (unreadable, or of another kind than
+    the prompts were trained on; MONAI wraps it in transform errors)."""
     while err is not None:
-        if type(err).__name__ in ("ImageReadError", "UnsupportedFileError"):
+        if type(err).__name__ in ("ImageReadError", "UnsupportedFileError", "ImageKindError"):
             return err
         err = err.__cause__ or err.__context__
     return None
@@ -787,6 +795,7 @@ class PTSAMApp(MONAILabelApp):
             raise ValueError(f"{self.bundle}: not a PTSAM bundle (no configs/inference.yaml)")
         _remove_stale_staging(self.bundle)
         self.infer_overrides = {**self.overrides, **engine_overrides(self.bundle, conf)}
+        self.infer_overrides.update({key: conf[key] for key in INFER_KEYS if conf.get(key)})
         if not _model_file(self.bundle).is_file():  # (an unreadable one is reported by init_infers)
             logger.warning(
                 "%s has no models/model.pt yet: label a few images and train (POST /train/%s); "

@@ -18,9 +18,11 @@ from pydicom.data import get_testdata_file
 
 from scripts.data.datasets import DatasetError
 from scripts.data.io import read_image
+from scripts.data.kinds import ImageKindError, kind_of_images
 from scripts.data.postprocess import AllOrNothing, WriteGeoJSONd, WriteLabeld
-from scripts.data.transforms import LoadImageAnyd, SamChannelsd, SamInputd, SamIntensityd
-from scripts.engine.screening import FAILURE, PerFileDataset, check_inputs, header_problems
+from scripts.data.transforms import CheckImageKindd, LoadImageAnyd, SamChannelsd, SamInputd, SamIntensityd
+from scripts.demo.synthetic import write_dicom_series
+from scripts.engine.screening import FAILURE, PerFileDataset, check_inputs, check_kinds, header_problems
 
 
 def _rgba_tiff(path: Path) -> str:
@@ -87,6 +89,50 @@ def test_evaluation_inputs_are_refused_before_any_work_naming_each_file(tmp_path
         check_inputs([{"image": good, "label": good}, {"image": rgba, "label": rgba}])
     assert refused.value.problems == [f"{rgba}: has 4 channels; choose 3 with `channels`, e.g. [0, 1, 2]"]
     check_inputs([{"image": rgba}], channels=[2, 1, 0])
+
+
+def test_images_of_another_kind_than_the_prompts_learned_from_are_refused_by_their_headers(tmp_path, caplog):
+    """A 2D image and a 3D volume as the readers give them; prompts trained on one kind refuse
+    the other before any work (inference's screening, evaluation), and so does the preprocessing
+    where it runs alone (MONAI Label), unless allow_other_kind."""
+    field = tmp_path / "field.tif"
+    tifffile.imwrite(field, np.random.default_rng(0).integers(0, 255, (30, 40), dtype=np.uint8))
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((5, 30, 40), np.uint16), metadata={"axes": "ZYX"})
+    volume, thin = _nifti(tmp_path / "volume.nii.gz", (40, 30, 5)), _nifti(tmp_path / "thin.nii.gz", (40, 30, 1))
+    write_dicom_series(np.zeros((40, 30, 4), np.int16), np.eye(4), tmp_path / "series", seed=0)
+    series = str(tmp_path / "series")
+    assert kind_of_images([field, thin, get_testdata_file("CT_small.dcm")]) == "2d"  # one slice is 2D
+    assert kind_of_images([volume, str(stack), series]) == "volume"
+    assert kind_of_images([field, volume]) == "mixed" and kind_of_images([]) is None
+
+    problems = header_problems(volume, image_kind="2d")
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{volume}: a 3D volume, but the prompts of model.pt were trained on 2D images (image_kind '2d'): "
+    )
+    assert "set allow_other_kind true" in problems[0]
+    assert header_problems(str(field), image_kind="volume")[0].startswith(
+        f"{field}: a 2D image, but the prompts of model.pt were trained on 3D volumes (image_kind 'volume')"
+    )
+    for trained in ("volume", "mixed", None):  # the same kind, both, or not recorded: nothing to refuse
+        assert header_problems(volume, image_kind=trained) == []
+
+    items = [{"image": str(field)}, {"image": volume}, {"image": series}, {"image": thin}]
+    with pytest.raises(DatasetError) as refused:
+        check_kinds(items, "2d")
+    assert [p.split(": a 3D volume, but")[0] for p in refused.value.problems] == [volume, series]
+    check_kinds(items, None)
+    with caplog.at_level("WARNING"):
+        check_kinds(items, "2d", allow_other_kind="true")
+    assert f"{series}: a 3D volume, but the prompts" in caplog.text and "scored anyway" in caplog.text
+
+    load = LoadImageAnyd("image")
+    with pytest.raises(ImageKindError, match="field.tif: a 2D image, but the prompts of model.pt were trained on 3D"):
+        CheckImageKindd("image", trained_kind="volume")(load({"image": str(field)}))
+    assert CheckImageKindd("image", trained_kind="volume")(load({"image": series}))["image"].shape == (1, 40, 30, 4)
+    assert CheckImageKindd("image", "volume", allow_other_kind=True)(load({"image": str(field)}))["image"].ndim == 3
+    with pytest.raises(ValueError, match="image_kind '3d' is none of 2d, volume, mixed"):
+        CheckImageKindd("image", trained_kind="3d")
 
 
 def _preprocessing() -> Compose:

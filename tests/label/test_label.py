@@ -617,9 +617,15 @@ def test_the_cpu_engine_serves_pytorchs_labels(trained, label_env, generalist, t
 
 
 def _prompt_file(
-    generalist: Path, path: Path, names: list[str], classes: list[int] | None = None, label_map: dict | None = None
+    generalist: Path,
+    path: Path,
+    names: list[str],
+    classes: list[int] | None = None,
+    label_map: dict | None = None,
+    image_kind: str | None = None,
 ) -> None:
-    """An untrained model.pt of ``len(names)`` classes, with its recipe, as training writes it."""
+    """An untrained model.pt of ``len(names)`` classes, with its recipe, as training writes it
+    (with ``image_kind``, the kind of images it says trained the prompts; none: an older file)."""
     from scripts.engine.recipe import LEGACY, from_knobs
     from scripts.model import PTSAM
     from scripts.model.prompt_file import save_prompts
@@ -628,7 +634,7 @@ def _prompt_file(
     classes = classes or list(range(1, len(names) + 1))
     recipe = {**LEGACY, "layout": "display", "classes": classes, "label_map": label_map or {}, "class_names": names}
     recipe = from_knobs(**recipe, image_size=256)
-    save_prompts(net, path, recipe=recipe)
+    save_prompts(net, path, recipe=recipe if image_kind is None else {**recipe, "image_kind": image_kind})
 
 
 def _served_labels(base: str) -> dict:
@@ -699,6 +705,12 @@ def test_the_server_serves_model_pt_as_trained(label_env, generalist, tmp_path):
         assert status == 200, body[-2000:]
         (tmp_path / "one.tif").write_bytes(body)
         assert set(np.unique(tifffile.imread(tmp_path / "one.tif"))) <= {0, 1}
+
+        # Prompts trained on volumes: a 2D image is refused before inference, naming it and both kinds.
+        _prompt_file(generalist, model, ["cell"], image_kind="volume")
+        status, body, _ = _infer(base, "cells_000")
+        detail = json.loads(body)["detail"]
+        assert status == 422 and "cells_000.tif: a 2D image, but the prompts of model.pt were trained on 3D" in detail
 
         model.unlink()
         assert _served_labels(base) is None

@@ -13,6 +13,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import torch
+from monai.bundle import ConfigParser
 
 from helpers import BUNDLE, monai_bundle
 from scripts.data.datasets import load_datalist
@@ -20,6 +22,7 @@ from scripts.data.io import read_image
 from scripts.data.io.geojson import rasterise
 from scripts.data.io.readers import series_files
 from scripts.data.postprocess import instance_labels
+from scripts.model.prompt_file import RECIPE_KEY, encode_json, read_recipe
 
 EVALUATE = "['configs/train.yaml','configs/evaluate.yaml']"
 
@@ -133,7 +136,8 @@ def test_approximate_encoders_score_as_float32_and_say_what_ran(synthetic, train
 
 
 def test_inference_keeps_shape_and_geometry_of_volumes_and_dicom(synthetic, trained, tmp_path):
-    done = _infer(synthetic / "ct", trained, tmp_path)  # the recipe of model.pt: only geometry matters here
+    # prompts of 2D images on volumes, with their recipe: only geometry matters here
+    done = _infer(synthetic / "ct", trained, tmp_path, "--allow_other_kind", "true")
     assert done.returncode == 0, done.stderr[-3000:]
     pairs = dict(line.split("wrote ", 1)[1].split(" -> ") for line in done.stdout.splitlines() if " wrote " in line)
     # the test list: the DICOM series ct_006, its NIfTI twin ct_006.nii.gz, and ct_007.nii.gz
@@ -157,6 +161,48 @@ def test_bad_file_is_reported_and_the_rest_processed(synthetic, trained, tmp_pat
     assert "broken.tif: unreadable TIFF file" in done.stdout + done.stderr
     assert "2 written, 1 failed" in done.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cells_004_seg.tif", "cells_005_seg.tif"]
+
+
+def test_prompts_trained_on_2d_images_refuse_a_volume_unless_allowed(synthetic, trained, tmp_path):
+    """The microscopy prompts and their recipe (fitted to 2D TIFFs) would segment a CT volume's
+    Hounsfield units into meaningless masks without a word: the volume is reported as failed,
+    naming it and both kinds, and the TIFF is written; allow_other_kind runs both; a model.pt
+    that records no kind (an older bundle's) refuses neither."""
+    model = trained / "models" / "model.pt"
+    assert read_recipe(model)["image_kind"] == "2d"  # found from the TIFFs that trained and chose the prompts
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(synthetic / "microscopy" / "imagesTr" / "cells_004.tif", folder / "cells_004.tif")
+    shutil.copy(synthetic / "ct" / "imagesTr" / "ct_000.nii.gz", folder / "ct_000.nii.gz")
+    refused = _infer(folder, trained, tmp_path / "refused")
+    log = refused.stdout + refused.stderr
+    assert refused.returncode == 1, log[-3000:]
+    assert "1 written, 1 failed" in log and "Traceback" not in log
+    assert (
+        f"failed {folder / 'ct_000.nii.gz'}: a 3D volume, but the prompts of model.pt were trained on 2D images "
+        "(image_kind '2d')" in log
+    )
+    assert sorted(p.name for p in (tmp_path / "refused").iterdir()) == ["cells_004_seg.tif"]
+
+    allowed = _infer(folder, trained, tmp_path / "allowed", "--allow_other_kind", "true")
+    log = allowed.stdout + allowed.stderr
+    assert allowed.returncode == 0, log[-3000:]
+    assert "2 written, 0 failed" in log and "segmented anyway (allow_other_kind true)" in log  # said, not silent
+    assert sorted(p.name for p in (tmp_path / "allowed").iterdir()) == ["cells_004_seg.tif", "ct_000_seg.nii.gz"]
+
+    state = torch.load(model, weights_only=True)
+    state[RECIPE_KEY] = encode_json({k: v for k, v in read_recipe(model).items() if k != "image_kind"})
+    torch.save(state, tmp_path / "older.pt")
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
+    parser.update(
+        {"bundle_root": str(BUNDLE), "sam_variant": "tiny", "model_path": str(tmp_path / "older.pt")}
+        | {"dataset_dir": str(folder), "output_dir": str(tmp_path / "older")}
+    )
+    screening = parser.get_parsed_content("screening")
+    assert len(screening.good) == 2 and not screening.failures
+    prepared = parser.get_parsed_content("preprocessing")({"image": str(folder / "ct_000.nii.gz")})
+    assert prepared["image"].ndim == 4  # the volume's slices, past the preprocessing's own check
 
 
 def test_missing_model_is_a_clear_error(synthetic, tmp_path):
@@ -218,7 +264,8 @@ def test_geojson_polygons_for_qupath_match_the_written_labels(synthetic, trained
 
 
 def test_dicom_seg_for_a_dicom_series_matches_its_nifti_label(synthetic, trained, tmp_path):
-    done = _infer(synthetic / "ct", trained, tmp_path, "--dicom_seg", "true")
+    # prompts of 2D images on volumes (allowed): only the DICOM SEG matters here
+    done = _infer(synthetic / "ct", trained, tmp_path, "--dicom_seg", "true", "--allow_other_kind", "true")
     # the test list holds the DICOM series ct_006 and two NIfTI volumes: those are refused by name
     assert done.returncode == 1
     assert "ct_007.nii.gz: a nifti file; a DICOM SEG (dicom_seg: true) is made for DICOM inputs" in done.stdout

@@ -149,7 +149,8 @@ def test_dicom_seg_for_anonymised_series_and_refusals_by_header(synthetic, model
     multiframe.save_as(folder / "b_multiframe" / "sc.dcm")
     shutil.copytree(series, folder / "c_ct")
     shutil.copy(synthetic / "ct" / "imagesTr" / "ct_000.nii.gz", folder / "d_ct.nii.gz")
-    done = _infer(folder, model, out, "--dicom_seg", "true")
+    # prompts of 2D images on volumes (allowed): only the DICOM SEG matters here
+    done = _infer(folder, model, out, "--dicom_seg", "true", "--allow_other_kind", "true")
     log = done.stdout + done.stderr
     assert done.returncode == 1, log[-3000:]
     assert "2 written, 2 failed" in log and "Traceback" not in log

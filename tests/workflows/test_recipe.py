@@ -39,7 +39,8 @@ def _infer(synthetic: Path, model: Path, out: Path, *extra: str):
 
 def test_model_pt_records_the_training_recipe(ct_model):
     recipe = read_recipe(ct_model / "models" / "model.pt")
-    assert set(recipe) == set(KNOBS)
+    assert set(recipe) == {*KNOBS, "image_kind"}
+    assert recipe["image_kind"] == "volume"  # found from the NIfTI volumes and the DICOM series it learned from
     assert (recipe["intensity"], recipe["a_min"], recipe["a_max"]) == ("window", -100.0, 200.0)
     assert recipe["image_size"] == 256 and recipe["classes"] == [1] and recipe["class_names"] == ["foreground"]
     assert recipe["layout"] == "display"  # new trainings: every format as viewers show it
@@ -73,6 +74,22 @@ def test_a_contradicting_flag_is_refused_before_any_work(synthetic, ct_model, tm
     )  # fmt: skip
     assert evaluate.returncode != 0 and "a_min: model.pt has -100.0, given -160.0" in evaluate.stderr
     assert not (tmp_path / "eval" / "metrics.csv").exists()
+
+
+def test_evaluation_refuses_images_of_another_kind_before_any_work(synthetic, ct_model, tmp_path):
+    """Prompts of CT volumes scored on 2D microscopy: each test image is named, nothing is scored."""
+    done = monai_bundle(
+        "run", "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--sam_variant", "tiny",
+        "--dataset_dir", str(synthetic / "microscopy"), "--ckpt_dir", str(ct_model / "models"),
+        "--output_dir", str(tmp_path / "eval"),
+    )  # fmt: skip
+    assert done.returncode != 0 and "2 problem(s) in the dataset" in done.stderr, done.stderr[-3000:]
+    for image in (synthetic / "microscopy" / "imagesTr" / f"cells_{i:03d}.tif" for i in (6, 7)):  # the test list
+        assert (
+            f"{image}: a 2D image, but the prompts of model.pt were trained on 3D volumes (image_kind 'volume')"
+            in done.stderr
+        )
+    assert "Engine run" not in done.stdout + done.stderr and not (tmp_path / "eval" / "metrics.csv").exists()
 
 
 def test_evaluation_takes_the_recipe_from_model_pt(ct_model):

@@ -367,3 +367,8 @@ def test_a_device_that_is_not_here_is_named_before_any_work(synthetic, tmp_path)
 
 def test_eval_section_is_checked_with_the_knobs(tmp_path):
     assert problems({"eval_section": "valid"}) == ["--eval_section 'valid': expected one of test, validation, training"]
+
+
+def test_allow_other_kind_is_checked_with_the_knobs():
+    assert problems({"allow_other_kind": "perhaps"}) == ["--allow_other_kind 'perhaps': expected true or false"]
+    assert problems({"allow_other_kind": "true"}) == problems({"allow_other_kind": False}) == []

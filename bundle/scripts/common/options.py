@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .flags import flag
+
 
 class OptionError(ValueError):
     """Knobs whose values cannot work; the message names each with what is allowed."""
@@ -59,6 +61,17 @@ def _number(low: float | None = None, high: float | None = None, *, open_low: bo
 def _choice(*names: str) -> Callable[[Any], str | None]:
     def rule(value: Any) -> str | None:
         return None if value in names else "one of " + ", ".join(names)
+
+    return rule
+
+
+def _flag() -> Callable[[Any], str | None]:
+    def rule(value: Any) -> str | None:
+        try:
+            flag(value)
+        except ValueError:
+            return "true or false"
+        return None
 
     return rule
 
@@ -163,6 +176,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "n_overlays": _integer(0),
     "eval_section": _choice("test", "validation", "training"),
     "device": _device(),
+    "allow_other_kind": _flag(),
 }
 
 

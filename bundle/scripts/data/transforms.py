@@ -1,8 +1,8 @@
 """Dictionary transforms from files to SAM's input and back, composed by the bundle configs.
 
-Order in the configs: ``LoadImageAnyd`` -> ``LabelClassesd`` -> ``SamIntensityd`` ->
-``SamChannelsd`` -> (training on volumes: ``SampleSlicesd``) -> ``SamInputd``; after the
-network: ``InvertSamInputd``, then ``scripts.data.postprocess`` (labels, instances, writing).
+Order in the configs: ``LoadImageAnyd`` -> (inference: ``CheckImageKindd``) -> ``LabelClassesd``
+-> ``SamIntensityd`` -> ``SamChannelsd`` -> (training on volumes: ``SampleSlicesd``) -> ``SamInputd``;
+after the network: ``InvertSamInputd``, then ``scripts.data.postprocess`` (labels, instances, writing).
 
 A volume is a stack of 2D slices along ``slice_axis`` (a spatial axis; by default the file's
 axial axis: the one most aligned with the body's long axis for NIfTI/DICOM, Z for TIFF
@@ -19,6 +19,7 @@ before the knob existed saw that).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -32,9 +33,12 @@ from ..common.flags import flag
 from ..model.sam import PIXEL_MEAN, PIXEL_STD
 from .io import read_image
 from .io.formats import COLUMNS_FIRST
+from .kinds import ImageKindError, check_kind, kind_mismatch, kind_of_shape, kind_problem
 from .labels import LabelValueError, class_masks, class_of_values, describe_bad_labels
 from .meta import meta_int, meta_of, meta_pair
 from .pairs import label_on_image_grid
+
+logger = logging.getLogger(__name__)
 
 _MAX_QUANTILE_SAMPLES = 1 << 22
 LAYOUTS = ("display", "stored")  # what SamInputd shows the network: see the module's docstring
@@ -73,6 +77,36 @@ class LoadImageAnyd(MapTransform):
             affine = torch.as_tensor(meta.pop("affine"))
             meta["axial_axis"] = -1 if meta["axial_axis"] is None else meta["axial_axis"]
             d[key] = MetaTensor(torch.from_numpy(array.astype(np.float32)), affine=affine, meta=meta)
+        return d
+
+
+class CheckImageKindd(MapTransform):
+    """Refuse an image of another kind (2D image, 3D volume) than the prompts were trained on
+    (``scripts.data.kinds``), once loaded and before its preprocessing and inference: inference's
+    screening refuses such files by their headers first; this catches them wherever
+    ``inference.yaml``'s preprocessing runs on its own (MONAI Label). With ``allow_other_kind``
+    the image passes, with a warning naming it."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        trained_kind: str | None = None,
+        allow_other_kind: bool = False,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.trained_kind = check_kind(trained_kind, "CheckImageKindd")
+        self.allow = flag(allow_other_kind)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            name = meta_of(d, key).get("filename_or_obj", key)
+            kind = kind_of_shape(d[key].shape[1:])
+            if not self.allow and (problem := kind_problem(name, kind, self.trained_kind)):
+                raise ImageKindError(problem)
+            if mismatch := kind_mismatch(name, kind, self.trained_kind):
+                logger.warning("%s; segmented anyway (allow_other_kind true)", mismatch)
         return d
 
 

@@ -6,16 +6,23 @@ null ("as trained"); a value given explicitly must agree with the recorded one, 
 stops before any work with a message naming both. A ``model.pt`` written before recipes were
 recorded loads with ``LEGACY``, the defaults of that time, and a note saying so. A knob added
 since (``ADDED``) is read, where a recorded recipe lacks it, as what the files of before saw.
+
+Besides the knobs, training records ``image_kind``, the kind of images that trained or chose
+the prompts ("2d", "volume" or "mixed", found from the images: ``scripts.data.kinds``); it is no
+knob to set or compare, and evaluation and inference refuse images of another kind unless
+``allow_other_kind``. A recipe recorded before it was lacks it: the kind is then unknown, and
+no image is refused for it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data.kinds import check_kind, kind_of_images
 from ..model.prompt_file import read_recipe
 
 logger = logging.getLogger(__name__)
@@ -80,12 +87,17 @@ _NORMAL = {
 }
 
 
+IMAGE_KIND = "image_kind"  # recorded with the knobs, not one of them: see the module doc
+
+
 def normalize(recipe: Mapping[str, Any]) -> dict[str, Any]:
-    """The recipe with every value in one canonical form (YAML's -100 and JSON's -100.0 agree)."""
+    """The recipe with every value in one canonical form (YAML's -100 and JSON's -100.0 agree),
+    and its ``image_kind`` where it records one."""
     missing = [k for k in KNOBS if k not in recipe]
     if missing:
         raise ValueError(f"a recipe needs {', '.join(missing)}")
-    return {k: _NORMAL[k](recipe[k]) for k in KNOBS}
+    normal = {k: _NORMAL[k](recipe[k]) for k in KNOBS}
+    return normal if IMAGE_KIND not in recipe else {**normal, IMAGE_KIND: recipe[IMAGE_KIND]}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -140,9 +152,21 @@ def as_trained(model_path: str | Path, image_size: int, **given: Any) -> dict[st
             f"{path} was trained with another recipe than this run asks for ({differ}). "
             "Leave these knobs unset to use the recorded values, or train again with the new ones."
         )
+    if check_kind(recorded.get(IMAGE_KIND), f"{path}") is None:
+        logger.info(
+            "%s does not record the kind of images (2D, volumes) its prompts were trained on (an older "
+            "bundle wrote it): inputs are not checked for their kind",
+            path,
+        )
     return recorded
 
 
 def from_knobs(**knobs: Any) -> dict[str, Any]:
-    """A training's recipe, from its knobs (what ``model.pt`` will record)."""
+    """A training's recipe, from its knobs (what ``model.pt`` will record, with ``with_image_kind``)."""
     return normalize(knobs)
+
+
+def with_image_kind(recipe: Mapping[str, Any], items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What ``model.pt`` records: ``recipe`` and the kind of the images of ``items`` (a training's
+    training and validation cases, which trained and chose the prompts); None for no images."""
+    return {**recipe, IMAGE_KIND: kind_of_images(item["image"] for item in items)}

@@ -1,7 +1,8 @@
 """Inference over many files, each on its own: bad files are reported and skipped, the rest
 written, and the run ends with a summary and exit status 1 if anything failed.
 
-What headers can tell is checked before any inference (``Screening``). A file that fails later
+What headers can tell is checked before any inference (``Screening``), among it whether a file
+is of the kind of image the prompts were trained on (``scripts.data.kinds``). A file that fails later
 (reading or preprocessing in ``PerFileDataset``, the network or the postprocessing and writing
 in ``PerFileEvaluator``) becomes a failure record ``{"image": <file>, "failure": <reason>}`` in
 place of its outputs (``AllOrNothing`` removes what it had written) and the next file runs.
@@ -22,6 +23,7 @@ from ..common.flags import flag
 from ..data.datasets import DEFAULT_MAX_VOXELS, DatasetError, check_case
 from ..data.io import probe_image
 from ..data.io.dicom_seg import check_seg_source
+from ..data.kinds import check_kind, kind_mismatch, kind_of_shape, kind_problem
 from ..data.transforms import channel_problem
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,9 @@ FAILURE = "failure"  # the key of a failed file's record
 
 class Screening:
     """Checks every input before inference starts (headers, then pixels); ``good`` lists the
-    cases to run, ``failures`` the others with their problems. Attached to the evaluator, it
+    cases to run, ``failures`` the others with their problems (one entry a file). An input of
+    another kind than ``image_kind``, the kind of images the prompts were trained on (None: not
+    recorded), is one of them unless ``allow_other_kind``. Attached to the evaluator, it
     collects what each iteration wrote or why it failed; ``finish`` reports."""
 
     def __init__(
@@ -41,15 +45,18 @@ class Screening:
         only_2d: bool = False,
         only_dicom: bool = False,
         channels: Sequence[int] | None = None,
+        image_kind: str | None = None,
+        allow_other_kind: bool = False,
     ):
         self.good: list[dict] = []
         self.failures: list[str] = []
+        kind = None if flag(allow_other_kind) else check_kind(image_kind, "model.pt's recipe")
         for item in items:
             problems = check_case(item, max_voxels=max_voxels, require_label=False)
             if not problems:
-                problems = header_problems(item["image"], channels, flag(only_2d), flag(only_dicom))
+                problems = header_problems(item["image"], channels, flag(only_2d), flag(only_dicom), kind)
             if problems:
-                self.failures += problems
+                self.failures.append("; ".join(problems))  # a file's problems each name it
                 logger.error("skipped: %s", "; ".join(problems))
             else:
                 self.good.append(dict(item))
@@ -79,13 +86,21 @@ class Screening:
 
 
 def header_problems(
-    image: str, channels: Sequence[int] | None = None, only_2d: bool = False, only_dicom: bool = False
+    image: str,
+    channels: Sequence[int] | None = None,
+    only_2d: bool = False,
+    only_dicom: bool = False,
+    image_kind: str | None = None,
 ) -> list[str]:
-    """What an input's headers say a later step would refuse: channels the preprocessing cannot
+    """What an input's headers say a later step would refuse: another kind of image than the
+    prompts were trained on (``image_kind``; None: any), channels the preprocessing cannot
     take, GeoJSON polygons (``only_2d``) of a volume, a DICOM SEG (``only_dicom``) of another
     format or of a series it cannot reference (a multi-frame instance, no frame of reference)."""
     probe = probe_image(image)
     problems = []
+    problem = kind_problem(image, kind_of_shape(probe["spatial_shape"]), image_kind)
+    if problem:
+        problems.append(problem)
     problem = channel_problem(probe["channels"], channels)
     if problem:
         problems.append(f"{image}: {problem}")
@@ -107,6 +122,29 @@ def check_inputs(items: Sequence[Mapping[str, Any]], channels: Sequence[int] | N
     """Evaluation and training: refuse before any work, naming each file, the inputs the
     preprocessing would stop on (an evaluation of the rest would score a subset unannounced)."""
     problems = [p for item in items for p in header_problems(item["image"], channels)]
+    if problems:
+        raise DatasetError(problems)
+
+
+def check_kinds(items: Sequence[Mapping[str, Any]], image_kind: str | None, allow_other_kind: bool = False) -> None:
+    """Evaluation: refuse before any work, naming each, the images of another kind than the
+    prompts were trained on (``image_kind``, as model.pt records it; None: not recorded), unless
+    ``allow_other_kind`` (then each is named in a warning). A file whose header does not read is
+    left to ``check_dataset``, which names it."""
+    trained = check_kind(image_kind, "model.pt's recipe")
+    found = []
+    for item in items:
+        try:
+            kind = kind_of_shape(probe_image(item["image"])["spatial_shape"])
+        except ValueError:
+            continue
+        found.append((item["image"], kind))
+    if flag(allow_other_kind):
+        for image, kind in found:
+            if mismatch := kind_mismatch(image, kind, trained):
+                logger.warning("%s; scored anyway (allow_other_kind true)", mismatch)
+        return
+    problems = [p for image, kind in found if (p := kind_problem(image, kind, trained))]
     if problems:
         raise DatasetError(problems)
 
