@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import quiet
+from helpers import bf16_units, quiet
 from scripts.demo.scenes import make_scene
 from scripts.model import runtime
 from scripts.model.network import PTSAM
@@ -68,12 +68,6 @@ def _with(net: PTSAM, engine: str, int8: bool, bf16: bool = False) -> PTSAM:
     return fast.eval()
 
 
-def _bf16_units() -> bool:
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
 @pytest.mark.parametrize(
     ("engine", "int8", "max_error", "min_dice"),
     [("onnxruntime", False, 1e-4, 0.999), ("openvino", False, 1e-4, 0.999), ("onnxruntime", True, 0.05, 0.98),
@@ -100,7 +94,7 @@ def test_bfloat16_agrees_with_pytorch_where_the_cpu_has_it(specialist):
     agrees within 1e-5). Where the CPU has no bfloat16 units, the refusal below is what runs."""
     images, masks = _scenes(1, 4)
     fast = _with(specialist, "openvino", False, bf16=True)
-    if not _bf16_units():
+    if not bf16_units():
         with pytest.raises(ValueError, match="this CPU has no bfloat16 units"), torch.no_grad():
             fast(images)
         return
